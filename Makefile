@@ -1,0 +1,30 @@
+# luksvm — build and test entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: test deps lint unit integration e2e clean
+
+test: deps lint
+	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
+
+deps:
+	@tools/install-deps
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: deps
+	$(PY) -m pytest -q tests/unit
+
+integration: deps
+	$(PY) -m pytest -q tests/integration
+
+e2e: deps
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

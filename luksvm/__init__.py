@@ -1,0 +1,5 @@
+"""luksvm: KVM/libvirt guests on LUKS-encrypted raw LVM volumes, unlocked, run and shut down safely."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""luksvm: KVM/libvirt guests on LUKS-encrypted raw LVM volumes, unlocked, run and shut down safely."""
+"""luksvm: KVM/libvirt guests on LUKS-encrypted raw LVM volumes, unlocked and shut down safely."""
 
 from __future__ import annotations
 

@@ -1,0 +1,117 @@
+"""Logging: readable lines on stderr and structured entries in journald; sd_notify for units.
+
+Structured fields ride on log records as upper-case attributes: pass them with
+`extra=fields(volume=..., guest=..., message_id=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+# MESSAGE_IDs of key events (generated once with `systemd-id128 new`), so admins can
+# `journalctl MESSAGE_ID=…`.
+MESSAGE_IDS = {
+    "unlocked": "3f1c7e1a9d8b4e5f8a2b6c4d0e9f1a27",
+    "locked": "7b2d4c6e8f0a4b1c9d3e5f7a1b2c4d6e",
+    "guest-started": "a1c3e5f7092b4d6f8a0c2e4f6b8d0a1c",
+    "guest-stopped": "c2e4a6b8d0f24a6c8e0b2d4f6a8c0e2b",
+    "guest-timeout": "e4a6c8e0b2d44f6a8c0e2b4d6f8a0c2e",
+    "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
+}
+
+log = logging.getLogger("luksvm")
+
+
+def fields(
+    *, volume: str | None = None, guest: str | None = None, message_id: str | None = None
+) -> dict[str, str]:
+    out = {}
+    if volume is not None:
+        out["LUKSVM_VOLUME"] = volume
+    if guest is not None:
+        out["LUKSVM_GUEST"] = guest
+    if message_id is not None:
+        out["MESSAGE_ID"] = MESSAGE_IDS[message_id]
+    return out
+
+
+class JournalHandler(logging.Handler):
+    """Sends each record to journald with its upper-case extra attributes as fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from systemd import journal  # lazily: `luksvm --help` must not load systemd
+
+        self._send = journal.send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            extra = {k: str(v) for k, v in vars(record).items() if k.isupper()}
+            priority = {
+                logging.DEBUG: 7,
+                logging.INFO: 6,
+                logging.WARNING: 4,
+                logging.ERROR: 3,
+                logging.CRITICAL: 2,
+            }.get(record.levelno, 6)
+            self._send(
+                self.format(record),
+                PRIORITY=str(priority),
+                SYSLOG_IDENTIFIER="luksvm",
+                CODE_FILE=record.pathname,
+                CODE_LINE=str(record.lineno),
+                CODE_FUNC=record.funcName,
+                **extra,
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to journald (JOURNAL_STREAM=dev:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def setup(verbose: bool = False) -> None:
+    """stderr for people, journald (when there is one) for structured fields."""
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    to_journal = os.path.exists(JOURNAL_SOCKET)
+    if to_journal:
+        try:
+            journal_handler = JournalHandler()
+        except ImportError:
+            to_journal = False
+        else:
+            log.addHandler(journal_handler)
+    if not (to_journal and _stderr_is_journal()):
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("luksvm: %(message)s"))
+        log.addHandler(stderr)
+
+
+def notify(*lines: str) -> bool:
+    """sd_notify(3): send `lines` to $NOTIFY_SOCKET. False when there is no socket (not a unit, or
+    a unit without NotifyAccess= for this process)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto("\n".join(lines).encode(), address)
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,129 @@
+"""The one place that starts processes.
+
+argv lists only (never a shell), a timeout on every call, LANG=C so output parses the same
+everywhere, secrets only through stdin. Every command is logged; stdin never is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from luksvm.errors import LuksvmError
+
+log = logging.getLogger("luksvm.run")
+
+STDERR_TAIL_LINES = 5
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CommandError(LuksvmError):
+    """A command failed, timed out or does not exist. Carries argv, exit code and stderr's tail."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, why: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr_tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+        message = f"{shlex.join(self.argv)}: {why}"
+        if self.stderr_tail:
+            message += ": " + self.stderr_tail
+        super().__init__(message)
+
+
+# While a dry run is active, run() records argv here instead of starting anything.
+_recording: contextvars.ContextVar[list[tuple[str, ...]] | None] = contextvars.ContextVar(
+    "luksvm_run_recording", default=None
+)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[list[tuple[str, ...]]]:
+    """Within this block run() starts nothing; the yielded list collects the argv it would run."""
+    recorded: list[tuple[str, ...]] = []
+    token = _recording.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _recording.reset(token)
+
+
+def command_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LANG"] = "C"
+    env["LC_ALL"] = "C"
+    return env
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    stdin: bytes | None = None,
+    check: bool = True,
+    secret: bool = False,
+) -> Result:
+    """Run argv (never a shell) and capture its output.
+
+    stdin carries secrets; secret=True records that it did, so logs say so without the bytes.
+    check=True raises CommandError on a non-zero exit.
+    """
+    argv = tuple(argv)
+    recording = _recording.get()
+    if recording is not None:
+        recording.append(argv)
+        return Result(argv, 0, "", "")
+    log.debug("run: %s%s", shlex.join(argv), " (secret on stdin)" if secret else "")
+    try:
+        proc = subprocess.run(
+            argv,
+            input=stdin if stdin is not None else b"",
+            capture_output=True,
+            timeout=timeout,
+            env=command_env(),
+            check=False,
+        )
+    except FileNotFoundError:
+        raise CommandError(argv, None, "", f"{argv[0]} not found; install it") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(argv, None, "", f"timed out after {timeout:g} s") from None
+    result = Result(
+        argv,
+        proc.returncode,
+        proc.stdout.decode("utf-8", "replace"),
+        proc.stderr.decode("utf-8", "replace"),
+    )
+    log.debug("exit %d: %s", proc.returncode, argv[0])
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, result.stderr, f"exit status {proc.returncode}")
+    return result
+
+
+def run_interactive(argv: Sequence[str], *, check: bool = True) -> int:
+    """Run argv on the caller's terminal (for passphrase prompts). The only call with no timeout:
+    a prompt waits for the admin."""
+    argv = tuple(argv)
+    recording = _recording.get()
+    if recording is not None:
+        recording.append(argv)
+        return 0
+    log.debug("run (interactive): %s", shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, env=command_env(), check=False)
+    except FileNotFoundError:
+        raise CommandError(argv, None, "", f"{argv[0]} not found; install it") from None
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, "", f"exit status {proc.returncode}")
+    return proc.returncode

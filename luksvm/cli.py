@@ -82,6 +82,27 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from luksvm import doctor
+
+    if args.list:
+        print_table(
+            [["CHECK", "WHAT IT PROVES"]] + [[c.name, c.description] for c in doctor.CHECKS]
+        )
+        return EXIT_OK
+    report = doctor.doctor(args.root, args.checks)
+    if args.prometheus:
+        text = doctor.prometheus_text(
+            report.findings, duration=report.duration, now=report.finished
+        )
+        doctor.write_atomically(args.prometheus, text)
+    if args.json:
+        print_json(doctor.as_json(report.findings))
+    else:
+        sys.stdout.write(doctor.format_report(report.checks, report.findings))
+    return report.exit_code
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="luksvm",
@@ -101,6 +122,20 @@ def build_parser() -> Parser:
     check = config_commands.add_parser("check", help="validate and show volumes and guests")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_config_check)
+
+    doctor_parser = commands.add_parser(
+        "doctor",
+        help="check the host: what is wrong, why it matters, the fix (exit 0 ok, 1 warn, 2 fail)",
+    )
+    doctor_parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor_parser.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write the results for node_exporter's textfile collector (atomically)",
+    )
+    doctor_parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    doctor_parser.add_argument("checks", nargs="*", metavar="CHECK", help="run only these checks")
+    doctor_parser.set_defaults(func=cmd_doctor)
 
     return parser
 

@@ -36,6 +36,7 @@ class LuksHeader:
     keyslots: tuple[Keyslot, ...]
     flags: tuple[str, ...]  # LUKS2 persistent flags such as allow-discards
     tokens: tuple[str, ...]  # LUKS2 token types (systemd-tpm2, systemd-fido2, …)
+    token_keyslots: tuple[int, ...] = ()  # keyslots a token unlocks (TPM2/FIDO2 enrolments)
 
     @property
     def header_size(self) -> int:
@@ -111,6 +112,11 @@ def parse_luks2(device: str, text: str, metadata: dict[str, object]) -> LuksHead
         ),
         flags=tuple(str(f) for f in config.get("flags", [])),  # type: ignore[attr-defined]
         tokens=tuple(str(t.get("type", "")) for t in tokens.values()),
+        token_keyslots=tuple(
+            sorted(
+                {int(str(n)) for t in tokens.values() for n in t.get("keyslots", [])}  # type: ignore[attr-defined]
+            )
+        ),
     )
 
 

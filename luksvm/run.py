@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from luksvm.errors import LuksvmError
@@ -60,8 +60,9 @@ def dry_run() -> Iterator[list[tuple[str, ...]]]:
         _recording.reset(token)
 
 
-def command_env() -> dict[str, str]:
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     env["LANG"] = "C"
     env["LC_ALL"] = "C"
     return env
@@ -74,11 +75,13 @@ def run(
     stdin: bytes | None = None,
     check: bool = True,
     secret: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Result:
     """Run argv (never a shell) and capture its output.
 
     stdin carries secrets; secret=True records that it did, so logs say so without the bytes.
-    check=True raises CommandError on a non-zero exit.
+    check=True raises CommandError on a non-zero exit. env adds variables for this one command
+    (e.g. LVM_SYSTEM_DIR); never secrets.
     """
     argv = tuple(argv)
     recording = _recording.get()
@@ -92,7 +95,7 @@ def run(
             input=stdin if stdin is not None else b"",
             capture_output=True,
             timeout=timeout,
-            env=command_env(),
+            env=command_env(env),
             check=False,
         )
     except FileNotFoundError:

@@ -127,10 +127,12 @@ class Host:
         sys: str = "/sys",
         dev: str = "/dev",
         proc: str = "/proc",
+        live: bool | None = None,
         workers: int = 8,
     ) -> None:
         self.root = os.path.abspath(root)
-        self.live = os.path.realpath(self.root) == "/"
+        # live: ROOT is the running system, so devices, /proc, /sys and systemd speak of it
+        self.live = os.path.realpath(self.root) == "/" if live is None else live
         self.sys, self.dev, self.proc = sys, dev, proc
         self.workers = workers
         self._once = _Once()
@@ -248,7 +250,7 @@ class Host:
 
     @property
     def systemd_running(self) -> bool:
-        return self.live and systemctl.running(self.root)
+        return self.live and systemctl.running()
 
     def unit_properties(
         self, units: Sequence[str], properties: Sequence[str]
@@ -639,7 +641,9 @@ def visibility(host: Host, volume: Volume) -> Visibility:
         return Visibility(False, False, "devices/filter rejects it")
     accepted_as = [n for n in names if lvm.filter_accepts(global_filter, [n])]
     accepted_as = [n for n in accepted_as if lvm.filter_accepts(device_filter, [n])] or names
-    return Visibility(True, True, f"the LVM filters accept it as {', '.join(accepted_as[:3])}")
+    # the kernel name first: it is the one a reject pattern in front of a catch-all misses
+    accepted_as.sort(key=lambda n: (not n.startswith("/dev/dm-"), not n.startswith("/dev/mapper/")))
+    return Visibility(True, True, f"the LVM filters accept it as {_names(accepted_as, 3)}")
 
 
 def _patterns(value: object) -> list[str]:
@@ -732,8 +736,13 @@ def guest_vg_leak(host: Host) -> Iterator[Finding]:
     if not volumes:
         yield Finding.skip(HOST, "no volumes configured")
         return
-    views = host.each(lambda v: (visibility(host, v), _guest_lvm_or_none(host, v)), volumes)
-    for volume, (view, guest_lvm) in zip(volumes, views):
+
+    def look(volume: Volume) -> tuple[Visibility, tuple[list[str], list[str]] | None]:
+        view = visibility(host, volume)
+        seen = view.scanned or view.autoactivated
+        return view, _guest_lvm_or_none(host, volume) if seen else None
+
+    for volume, (view, guest_lvm) in zip(volumes, host.each(look, volumes)):
         devices_file = host.devices_file()
         fix = (
             f"lvmdevices --deldev {volume.mapper_path}   (while it is unlocked; "
@@ -747,7 +756,7 @@ def guest_vg_leak(host: Host) -> Iterator[Finding]:
             yield Finding.warn(
                 volume.name,
                 f"when unlocked, the host's LVM will scan {volume.mapper_path} ({view.why}); "
-                f"if the guest put a PV on the whole disk its VGs leak to the host: {WHY_LEAK}",
+                f"if the guest put a PV on the whole disk its VGs leak to the host; {WHY_LEAK}",
                 fix=fix,
             )
         elif not guest_lvm[0]:
@@ -764,14 +773,14 @@ def guest_vg_leak(host: Host) -> Iterator[Finding]:
                     volume.name,
                     f"the host's LVM sees guest VG {', '.join(vgs)} in {volume.mapper_path} "
                     f"({view.why}); activation/auto_activation_volume_list keeps it inactive, "
-                    f"but any `vgchange -ay` activates it: {WHY_LEAK}",
+                    f"but any `vgchange -ay` activates it; {WHY_LEAK}",
                     fix=fix,
                 )
             else:
                 yield Finding.fail(
                     volume.name,
                     f"the host's LVM sees and auto-activates guest VG {', '.join(vgs)} in "
-                    f"{volume.mapper_path} ({view.why}){now}: {WHY_LEAK}",
+                    f"{volume.mapper_path} ({view.why}){now}; {WHY_LEAK}",
                     fix=fix,
                 )
 

@@ -210,26 +210,29 @@ class Host:
         """(VGs with a PV directly on the open mapping, their LVs active on the host)."""
 
         def probe() -> tuple[list[str], list[str]]:
-            vgs = lvm.vgs_on(volume.mapper_path)
+            vgs = lvm.vgs_on(self.mapping_path(volume))
             if not vgs:
                 return [], []
             active = [
                 f"{lv.vg_name}/{lv.name}"
-                for lv in lvm.logical_volumes([volume.mapper_path])
+                for lv in lvm.logical_volumes([self.mapping_path(volume)])
                 if lv.active and lv.vg_name in vgs
             ]
             return vgs, active
 
         return self._once.get(("guest-lvm", volume.name), probe)
 
+    def mapping_path(self, volume: Volume) -> str:
+        return os.path.join(self.dev, "mapper", volume.name)
+
     def is_open(self, volume: Volume) -> bool:
-        return self.live and os.path.exists(os.path.join(self.dev, "mapper", volume.name))
+        return self.live and os.path.exists(self.mapping_path(volume))
 
     def mapping_names(self, volume: Volume) -> list[str]:
         """The names the host's LVM sees the volume's mapping by: the real ones when it is open;
         else the ones it will get (/dev/dm-N with the next free N, by-id names from the header)."""
         if self.is_open(volume):
-            return blockdev.aliases(os.path.join(self.dev, "mapper", volume.name), self.dev)
+            return blockdev.aliases(self.mapping_path(volume), self.dev)
         names = [
             volume.mapper_path,
             f"/dev/{blockdev.next_dm_name(self.sys)}",
@@ -683,7 +686,7 @@ def proposed_global_filter(host: Host) -> str:
     mappings = set()
     for volume in host.config.volumes:
         mappings.add(volume.mapper_path)
-        mappings.add(os.path.realpath(os.path.join(host.dev, "mapper", volume.name)))
+        mappings.add(os.path.realpath(host.mapping_path(volume)))
     try:
         pvs = host.physical_volumes()
     except LuksvmError:

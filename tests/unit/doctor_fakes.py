@@ -154,6 +154,9 @@ class FakeHost(Host):
         super().__init__(root, dev=str(Path(root) / "dev"), sys=str(Path(root) / "sys"), **kw)  # type: ignore[arg-type]
         self.open_names = open_names or {}
 
+    def mapping_path(self, volume: Volume) -> str:
+        return volume.mapper_path
+
     def is_open(self, volume: Volume) -> bool:
         return volume.name in self.open_names
 

@@ -1,0 +1,199 @@
+"""doctor against real tools: LUKS images, lvmconfig on real lvm.conf files, a guest VG on a loop
+device (activation off), systemctl --root for unit-file states."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from luksvm import doctor
+from luksvm.config import Volume
+from luksvm.doctor import FAIL, OK, WARN, Finding, Host
+from tests.conftest import write_config
+from tests.integration.conftest import FAST_KDF, make_luks, sh, unique
+
+
+def by(findings: list[Finding], subject: str) -> Finding:
+    (found,) = [f for f in findings if f.subject == subject]
+    return found
+
+
+def test_luks_images_one_and_two_keyslots_and_luks1(tmp_path: Path) -> None:
+    one = make_luks(tmp_path / "one.img", b"pw")
+    two = make_luks(tmp_path / "two.img", b"pw")
+    (tmp_path / "pw").write_bytes(b"pw")
+    (tmp_path / "recovery").write_bytes(b"recovery")
+    sh("cryptsetup", "luksAddKey", "-q", *FAST_KDF, "--key-file", str(tmp_path / "pw"),
+       str(two), str(tmp_path / "recovery"))  # fmt: skip
+    old = make_luks(tmp_path / "old.img", b"pw", version=1)
+    root = write_config(
+        tmp_path / "root",
+        {"10.conf": f"cr_one {one} - luks\ncr_two {two} - luks\ncr_old {old} - luks\n"},
+    )
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["luks", "recovery-key"]))
+    luks = [f for f in findings if f.check == "luks"]
+    recovery = [f for f in findings if f.check == "recovery-key"]
+    # the fast test KDF is PBKDF2: every LUKS2 keyslot here is one doctor must flag
+    assert by(luks, "cr_one").status == WARN
+    assert "keyslot 0 " in by(luks, "cr_one").message
+    assert by(luks, "cr_two").fix == (
+        f"cryptsetup luksConvertKey --key-slot 0 --pbkdf argon2id {two}; "
+        f"cryptsetup luksConvertKey --key-slot 1 --pbkdf argon2id {two}"
+    )
+    assert by(luks, "cr_old").status == WARN
+    assert "LUKS1" in by(luks, "cr_old").message
+    assert by(recovery, "cr_one").status == WARN
+    assert by(recovery, "cr_two").status == OK
+    assert by(recovery, "cr_old").status == WARN
+
+
+def test_an_argon2id_luks2_image_is_ok(tmp_path: Path) -> None:
+    image = make_luks(tmp_path / "a.img", b"pw")
+    sh("cryptsetup", "luksConvertKey", "-q", "--key-file=-", "--pbkdf", "argon2id",
+       "--pbkdf-memory", "32", "--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1",
+       str(image), stdin=b"pw")  # fmt: skip
+    root = write_config(tmp_path / "root", {"10.conf": f"cr_a {image} - luks\n"})
+    (finding,) = doctor.run_checks(Host(str(root)), doctor.select(["luks"]))
+    assert finding.status == OK
+    assert finding.message == f"LUKS2 on {image}, argon2id"
+
+
+class LoopMappingHost(Host):
+    """The volume's "mapping" is a loop device: the host kernel here has no device-mapper."""
+
+    def __init__(self, root: str, mapping: str) -> None:
+        super().__init__(root, live=True)
+        self.mapping = mapping
+
+    def mapping_path(self, volume: Volume) -> str:
+        return self.mapping
+
+
+def test_guest_vg_on_the_mapping_is_found_and_the_right_filter_hides_it(
+    tmp_path: Path, lvm_env: dict[str, str], loop_device: Callable[[Path], str]
+) -> None:
+    image = tmp_path / "guest-disk.img"
+    sh("truncate", "-s", "32M", str(image))
+    mapping = loop_device(image)
+    vg = unique("vgmail")
+    sh("pvcreate", "-q", mapping, env=lvm_env)
+    sh("vgcreate", "-q", vg, mapping, env=lvm_env)
+    conf = Path(lvm_env["LVM_SYSTEM_DIR"]) / "lvm.conf"
+    original = conf.read_text()
+    try:
+        root = write_config(tmp_path / "root", {"10.conf": "cr_mail /dev/x - luks\n"})
+        # lvm_env's lvm.conf accepts loop devices with a filter: the guest VG is visible
+        (finding,) = doctor.run_checks(
+            LoopMappingHost(str(root), mapping), doctor.select(["guest-vg-leak"])
+        )
+        assert finding.status == FAIL
+        assert f"guest VG {vg} in /dev/mapper/cr_mail" in finding.message
+        assert "active on the host now" not in finding.message  # activation is off here
+        assert mapping not in finding.fix  # the guest's PV is not proposed as a host PV
+
+        conf.write_text(
+            original.replace(
+                "devices {", 'devices {\n  global_filter = [ "a|^/dev/sda2$|", "r|.*|" ]'
+            )
+        )
+        (finding,) = doctor.run_checks(
+            LoopMappingHost(str(root), mapping), doctor.select(["guest-vg-leak"])
+        )
+        assert finding.status == OK
+        assert finding.message == "hidden from the host's LVM: devices/global_filter rejects it"
+    finally:
+        conf.write_text(original)
+        sh("vgremove", "-q", "-f", vg, env=lvm_env)
+        sh("pvremove", "-q", mapping, env=lvm_env)
+
+
+def fake_lvm_2_02(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lvm version` says 2.02.187; every other lvm command is the real one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "lvm"
+    real = next(
+        os.path.join(d, "lvm")
+        for d in [*os.environ["PATH"].split(os.pathsep), "/sbin", "/usr/sbin"]
+        if os.path.exists(os.path.join(d, "lvm"))
+    )
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = version ]; then\n'
+        '  echo "  LVM version:     2.02.187(2)-RHEL7 (2020-03-24)"\n'
+        '  echo "  Library version: 1.02.170-RHEL7 (2020-03-24)"\n'
+        "  exit 0\nfi\n"
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def lvmetad_root(tmp_path: Path, *, enabled: bool) -> Path:
+    root = write_config(tmp_path / "root", {"10.conf": "cr_a /dev/x - luks\n"})
+    (root / "etc/lvm").mkdir(parents=True)
+    (root / "etc/lvm/lvm.conf").write_text("global {\n    use_lvmetad = 1\n}\n")
+    units = root / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    (units / "lvm2-lvmetad.socket").write_text(
+        "[Socket]\nListenStream=/run/lvm/lvmetad.socket\n[Install]\nWantedBy=sysinit.target\n"
+    )
+    (units / "lvm2-lvmetad.service").write_text(
+        "[Service]\nExecStart=/usr/sbin/lvmetad -f\n[Install]\nWantedBy=sysinit.target\n"
+    )
+    if enabled:
+        sh("systemctl", f"--root={root}", "enable", "lvm2-lvmetad.socket", "lvm2-lvmetad.service")
+    return root
+
+
+def test_lvm_2_02_with_use_lvmetad_needs_its_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_lvm_2_02(tmp_path, monkeypatch)
+    root = lvmetad_root(tmp_path, enabled=False)
+    finding = by(doctor.run_checks(Host(str(root)), doctor.select(["lvmetad"])), "host")
+    assert finding.status == FAIL
+    assert "LVM 2.02.187 with use_lvmetad = 1, but lvm2-lvmetad.socket is disabled" in (
+        finding.message
+    )
+    assert finding.fix == "systemctl enable --now lvm2-lvmetad.socket lvm2-lvmetad.service"
+
+
+def test_lvm_2_02_with_lvmetad_enabled_is_ok_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_lvm_2_02(tmp_path, monkeypatch)
+    root = lvmetad_root(tmp_path / "b", enabled=True)
+    finding = by(doctor.run_checks(Host(str(root)), doctor.select(["lvmetad"])), "host")
+    assert finding.status == OK
+    assert "active state not checked" in finding.message
+
+
+def test_lvm_2_03_with_a_leftover_use_lvmetad_warns(tmp_path: Path) -> None:
+    root = lvmetad_root(tmp_path, enabled=False)
+    finding = by(doctor.run_checks(Host(str(root)), doctor.select(["lvmetad"])), "host")
+    assert finding.status == WARN
+    assert "has no lvmetad (removed in 2.03), but lvm.conf still sets" in finding.message
+
+
+def test_cli_over_a_root_with_images_exits_with_the_worst_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from luksvm.cli import main
+
+    image = make_luks(tmp_path / "a.img", b"pw")
+    root = write_config(
+        tmp_path / "root", {"10.conf": f"cr_a {image} - luks\ncr_b {tmp_path}/none - luks\n"}
+    )
+    prom = tmp_path / "doctor.prom"
+    code = main(["--root", str(root), "doctor", "--prometheus", str(prom), "luks", "recovery-key"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert out.splitlines()[0].startswith("FAIL  luks")
+    assert f"FAIL cr_b: source {tmp_path}/none does not exist" in out
+    text = prom.read_text()
+    assert 'luksvm_doctor_status{check="luks",subject="cr_b"} 2' in text
+    assert 'luksvm_doctor_status{check="recovery-key",subject="cr_a"} 1' in text

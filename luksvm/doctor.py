@@ -7,6 +7,7 @@ runs the checks concurrently and returns their findings in registry order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -413,7 +414,13 @@ def _label(value: str) -> str:
 def write_atomically(path: str, text: str) -> None:
     """Write `path` so that a reader (node_exporter) sees the old or the new file, never half."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".luksvm-doctor.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".luksvm-doctor.", suffix=".tmp", dir=directory)
+    except OSError as error:
+        raise LuksvmError(
+            f"cannot write {path}: {error.strerror}; give the directory node_exporter's "
+            "--collector.textfile.directory reads"
+        ) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -422,17 +429,9 @@ def write_atomically(path: str, text: str) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_oserror():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, value: object, traceback: object) -> bool:
-        return isinstance(value, OSError)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ class Commands:
 
     def luks(self, device: str, dump: str | None, json_metadata: str | None = None) -> None:
         """device's header from fixtures (None: not LUKS)."""
-        self.set(["cryptsetup", "isLuks", device], returncode=0 if dump else 1)
-        if dump:
-            self.set(["cryptsetup", "luksDump", device], fixture(dump))
+        self.set(
+            ["cryptsetup", "luksDump", device], fixture(dump) if dump else "", 0 if dump else 1
+        )
         if json_metadata:
             self.set(
                 ["cryptsetup", "luksDump", "--dump-json-metadata", device], fixture(json_metadata)

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from luksvm import apply, units
+from luksvm import apply, config, run, units
 from luksvm.cli import main
 from tests.conftest import SEED_CRYPTTAB, write_config
 
@@ -228,8 +229,28 @@ def test_keyring_backend_dropin_comes_and_goes_with_the_setting(
 
 
 def test_no_daemon_reload_for_another_root(seed_root: Path) -> None:
-    from luksvm import config
-
     plan = apply.plan(config.load(str(seed_root)), luksvm_path="/l")
     assert plan.changes
     assert not plan.reload
+
+
+def test_daemon_reload_after_changes_only_when_systemd_runs(
+    seed_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apply, "systemd_running", lambda root: True)
+    with run.dry_run() as commands:
+        apply.apply(config.load(str(seed_root)))
+        apply.apply(config.load(str(seed_root)))
+    assert commands == [("systemctl", "daemon-reload")]
+
+
+def test_the_units_run_the_luksvm_that_runs_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.undo()  # the real luksvm_path, not the fixture's
+    executable = tmp_path / "bin/luksvm"
+    executable.parent.mkdir()
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(executable), "apply"])
+    assert apply.luksvm_path() == str(executable)

@@ -93,18 +93,26 @@ def test_target_wants_no_noauto_volume_nor_a_guest_that_needs_one(tmp_path: Path
 
 def test_guest_stop_timeout_covers_wait_policy_and_margin(tmp_path: Path) -> None:
     files = render_mixed(tmp_path).files
-    # mail: 2min + managedsave 5min + 30s; files: 10min + fail 0 + 30s; web: 2min + 30s + 30s
-    assert "TimeoutStopSec=7min 30s" in files["luksvm-guest@mail.service.d/50-luksvm.conf"]
+    # mail: 2min + managedsave 10min + 30s; files: 10min + fail 0 + 30s; web: 2min + 30s + 30s
+    assert "TimeoutStopSec=12min 30s" in files["luksvm-guest@mail.service.d/50-luksvm.conf"]
     assert "TimeoutStopSec=10min 30s" in files["luksvm-guest@files.service.d/50-luksvm.conf"]
     assert "TimeoutStopSec=3min\n" in files["luksvm-guest@web.service.d/50-luksvm.conf"]
 
 
-def test_guests_start_after_those_with_a_lower_order(tmp_path: Path) -> None:
-    files = render_mixed(tmp_path).files
-    files_dropin = files["luksvm-guest@files.service.d/50-luksvm.conf"]
-    assert "After=luksvm-guest@mail.service" in files_dropin
-    assert "After=luksvm-guest@web.service" in files_dropin
-    assert "After=luksvm-guest@" not in files["luksvm-guest@web.service.d/50-luksvm.conf"]
+def test_guest_start_timeout_covers_waiting_and_start_delay(tmp_path: Path) -> None:
+    root = write_config(
+        tmp_path, {"10-seed.conf": SEED_CRYPTTAB}, "[guest:web]\nstart_delay=2min\n"
+    )
+    files = units.render(config.load(str(root)), luksvm_path="/l", template_dir="/t").files
+    assert "TimeoutStartSec=12min 30s" in files["luksvm-guest@mail.service.d/50-luksvm.conf"]
+    assert "TimeoutStartSec=14min 30s" in files["luksvm-guest@web.service.d/50-luksvm.conf"]
+
+
+def test_guests_are_not_ordered_against_one_another(tmp_path: Path) -> None:
+    # Ordered guests would stop one after another at shutdown; `guest start` keeps `order`.
+    for path, text in render_mixed(tmp_path).files.items():
+        if path.startswith("luksvm-guest@"):
+            assert "luksvm-guest@" not in text
 
 
 def test_keyring_backend_reaches_every_unlock_unit_through_the_template(tmp_path: Path) -> None:

@@ -122,8 +122,9 @@ class Rendering:
     links: Mapping[str, str]  # path → symlink target
 
 
-def exec_path(path: str) -> str:
-    """`path` as the first word of an Exec*= line: specifiers doubled, quoted when needed."""
+def unit_word(path: str) -> str:
+    """`path` as one word of a setting systemd splits into words (Exec*=, RequiresMountsFor=):
+    specifiers doubled, quoted when needed."""
     path = path.replace("%", "%%")
     if re.fullmatch(r"[A-Za-z0-9/._+:@=,%-]+", path):
         return path
@@ -143,7 +144,7 @@ def _dropin(origin: str, source: str, unit: list[str], service: list[str] | None
         f"{HEADER} from {origin}",
         "# Do not edit: change the configuration and run `luksvm apply` again.",
         "[Unit]",
-        f"SourcePath={source}",
+        f"SourcePath={source.replace('%', '%%')}",
         *unit,
     ]
     if service:
@@ -155,7 +156,7 @@ def _unlock_dropin(config: Config, volume: Volume, previous_interactive: Volume 
     device = device_unit(volume.device)
     unit = [f"BindsTo={device}", f"After={device}"]
     if volume.key.kind == "file":
-        unit.append(f"RequiresMountsFor={volume.key.path}")
+        unit.append(f"RequiresMountsFor={unit_word(volume.key.path)}")
     if volume.has_flag("_netdev"):
         unit.append("After=remote-fs-pre.target")
     if volume.interactive:
@@ -216,7 +217,7 @@ def _keyring_dropin(config: Config) -> str:
 def render_template(name: str, text: str, luksvm_path: str) -> str:
     """A packaged template as apply installs it: with a header, running `luksvm_path`."""
     if luksvm_path != PACKAGED_LUKSVM:
-        text = text.replace(PACKAGED_LUKSVM, exec_path(luksvm_path))
+        text = text.replace(PACKAGED_LUKSVM, unit_word(luksvm_path))
     return f"{HEADER} from luksvm's {name}\n{text}"
 
 

@@ -265,3 +265,34 @@ def test_a_wheel_carries_the_template_units(tmp_path: Path) -> None:
     where, found = probe.stdout.splitlines()
     assert where.startswith(str(target))
     assert found == str(sorted(units.TEMPLATES))
+
+
+def test_systemd_reads_tricky_names_and_paths_as_written(tmp_path: Path) -> None:
+    """systemd's own dump of the loaded units (verify at debug level) shows the commands and
+    paths it will use: specifiers, quotes and backslashes must arrive as they are."""
+    root = host_root(tmp_path, packaged=False)
+    for fragment in (root / "etc/luksvm/crypttab.d").iterdir():
+        fragment.unlink()
+    write_config(
+        root,
+        {
+            "10-100%.conf": '.cr-x /dev/vg/p /etc/luksvm/keys/a%b\\c".key luks,x-luksvm.guest=g%1$x\n'
+        },
+        "",
+    )
+    luksvm_apply(root)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}"]
+        + [units.unlock_unit(".cr-x"), units.guest_unit("g%1$x")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "debug"},
+    )
+    dump = {line.strip() for line in proc.stdout.splitlines()}  # the dump; logs go to stderr
+    assert f"Command Line: {LUKSVM} unlock --no-start .cr-x" in dump
+    assert f"Command Line: {LUKSVM} lock --from-unit .cr-x" in dump
+    assert f'Command Line: {LUKSVM} guest start "g%1\\$x"' in dump  # shown shell-quoted
+    assert "Source Path: /etc/luksvm/crypttab.d/10-100%.conf" in dump
+    assert 'RequiresMountsFor: /etc/luksvm/keys/a%b\\c".key (origin-file)' in dump
+    assert "BindsTo: dev-vg-p.device (origin-file)" in dump

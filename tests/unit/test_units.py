@@ -155,8 +155,8 @@ def test_templates_are_rendered_with_the_running_luksvm() -> None:
         ('/opt/a "b"\\c/luksvm', '"/opt/a \\"b\\"\\\\c/luksvm"'),
     ],
 )
-def test_exec_path_quotes_what_systemd_would_split_or_expand(path: str, word: str) -> None:
-    assert units.exec_path(path) == word
+def test_unit_word_quotes_what_systemd_would_split_or_expand(path: str, word: str) -> None:
+    assert units.unit_word(path) == word
 
 
 @pytest.mark.parametrize(

@@ -275,15 +275,19 @@ def test_systemd_reads_tricky_names_and_paths_as_written(tmp_path: Path) -> None
         fragment.unlink()
     write_config(
         root,
-        {
-            "10-100%.conf": '.cr-x /dev/vg/p /etc/luksvm/keys/a%b\\c".key luks,x-luksvm.guest=g%1$x\n'
-        },
+        {"10-100%.conf": '.cr-x /dev/vg/p /etc/luksvm/keys/a%b\\c".key luks,x-luksvm.guest=g%1$x'},
         "",
     )
     luksvm_apply(root)
     proc = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", f"--root={root}"]
-        + [units.unlock_unit(".cr-x"), units.guest_unit("g%1$x")],
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            f"--root={root}",
+            units.unlock_unit(".cr-x"),
+            units.guest_unit("g%1$x"),
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
-from luksvm import blockdev, config, cryptsetup, lvm, systemctl
+from luksvm import apply, blockdev, config, cryptsetup, lvm, systemctl, units
 from luksvm.config import Config, Problem, Volume
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_WARN, LuksvmError, UsageError
@@ -603,6 +603,168 @@ def recovery_key(host: Host) -> Iterator[Finding]:
 
 def error_text(error: LuksvmError) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# --- units and their ordering --------------------------------------------------------------------
+
+
+def _unit_subjects(cfg: Config) -> dict[str, str]:
+    """{unit name: the volume or guest it is for}."""
+    subjects = {units.unlock_unit(v.name): v.name for v in cfg.volumes}
+    subjects.update({units.guest_unit(g.name): g.name for g in cfg.guests})
+    return subjects
+
+
+def _subject_of_path(path: str, subjects: dict[str, str]) -> str:
+    for unit, subject in subjects.items():
+        if f"/{unit}" in path:
+            return subject
+    return HOST
+
+
+@check("units", "the units are applied, in sync with the configuration, enabled and not failed")
+def units_applied(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if host.config_problems:
+        yield Finding.skip(
+            HOST, "the configuration has errors (see check config); apply refuses it"
+        )
+        return
+    if not cfg.volumes:
+        yield Finding.skip(HOST, "no volumes configured")
+        return
+    subjects = _unit_subjects(cfg)
+    try:
+        plan = apply.plan(cfg, luksvm_path=apply.luksvm_path())
+    except LuksvmError as error:
+        first, *rest = str(error).splitlines()
+        yield Finding.fail(HOST, " ".join([first, *rest[:-1]]), fix=rest[-1] if rest else "")
+        return
+    if plan.changes and plan.unchanged == 0 and all(c.old is None for c in plan.changes):
+        yield Finding.fail(
+            HOST,
+            "the units were never applied: nothing unlocks the volumes or starts the guests "
+            "at boot",
+            fix="luksvm apply && systemctl enable luksvm.target",
+        )
+    else:
+        changed: dict[str, list[str]] = {}
+        for change in plan.changes:
+            subject = _subject_of_path(change.path, subjects)
+            changed.setdefault(subject, []).append(f"{change.verb} {change.path}")
+        for subject, what in changed.items():
+            yield Finding.warn(
+                subject,
+                "the units differ from the configuration (a config change not applied yet): "
+                f"apply would {_names(what, 3)}",
+                fix="luksvm apply --dry-run --diff   (to see it), then luksvm apply",
+            )
+        for subject in sorted(set(subjects.values()) - changed.keys()):
+            yield Finding.ok(subject, "units in sync with the configuration")
+    for path in plan.left:
+        yield Finding.warn(
+            _subject_of_path(path, subjects),
+            f"{os.path.join(plan.root, path)} was written by apply, edited since, and the "
+            "configuration no longer asks for it",
+            fix=f"rm {shlex.quote(os.path.join(plan.root, path))}",
+        )
+    state = host.unit_files().get(units.TARGET, "not installed")
+    if state != "enabled":
+        yield Finding.fail(
+            units.TARGET,
+            f"{units.TARGET} is {state}: nothing unlocks the volumes or starts the guests at boot",
+            fix=f"systemctl enable {units.TARGET}",
+        )
+    else:
+        yield Finding.ok(units.TARGET, "enabled")
+    if host.systemd_running:
+        for row in systemctl.list_units(["luksvm*"], state="failed"):
+            unit = row.get("unit", "")
+            yield Finding.fail(
+                subjects.get(unit, unit),
+                f"{unit} failed",
+                fix=f"journalctl -b -u {shlex.quote(unit)}   (why), then "
+                f"systemctl restart {shlex.quote(unit)}",
+            )
+
+
+LIBVIRT_SOCKETS = {"libvirtd.service": "libvirtd.socket", "virtqemud.service": "virtqemud.socket"}
+
+
+def libvirt_daemons_in_use(host: Host) -> list[str]:
+    """The libvirt daemon services this host runs or starts (itself or through its socket),
+    as the running systemd says."""
+    names = [*units.LIBVIRT_DAEMONS, *(LIBVIRT_SOCKETS[d] for d in units.LIBVIRT_DAEMONS)]
+    states = host.unit_properties(names, ("LoadState", "ActiveState", "UnitFileState"))
+
+    def used(unit: str) -> bool:
+        state = states.get(unit, {})
+        return state.get("ActiveState") in ("active", "activating", "reloading") or state.get(
+            "UnitFileState"
+        ) in ("enabled", "enabled-runtime", "static", "indirect", "alias")
+
+    return [d for d in units.LIBVIRT_DAEMONS if used(d) or used(LIBVIRT_SOCKETS[d])]
+
+
+@check("ordering", "unlock units come before the libvirt daemon this host uses; guests after it")
+def ordering(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if not host.systemd_running:
+        yield Finding.skip(HOST, "systemd is not running here: ordering is read from it")
+        return
+    if not cfg.volumes:
+        yield Finding.skip(HOST, "no volumes configured")
+        return
+    daemons = libvirt_daemons_in_use(host)
+    if not daemons:
+        yield Finding.warn(
+            HOST,
+            "no libvirt daemon (libvirtd or virtqemud) is enabled or running: no guest can start",
+            fix="systemctl enable --now virtqemud.socket   (or libvirtd.service)",
+        )
+        return
+    unlock = {v.name: units.unlock_unit(v.name) for v in cfg.volumes}
+    guest = {g.name: units.guest_unit(g.name) for g in cfg.guests}
+    properties = host.unit_properties(
+        [*unlock.values(), *guest.values()], ("LoadState", "Before", "After")
+    )
+    fix = "luksvm apply   (writes the ordering), then check again"
+    for volume in cfg.volumes:
+        unit = unlock[volume.name]
+        state = properties.get(unit, {})
+        if state.get("LoadState") != "loaded":
+            yield Finding.fail(
+                volume.name, f"{unit} is {state.get('LoadState', 'unknown')}", fix=fix
+            )
+        elif volume.interactive:
+            yield Finding.ok(
+                volume.name,
+                "asks for a passphrase: deliberately not before libvirt (one pending prompt must "
+                "not hold back every guest); its guests wait for it",
+            )
+        else:
+            missing = [d for d in daemons if d not in state.get("Before", "").split()]
+            if missing:
+                yield Finding.fail(
+                    volume.name,
+                    f"{unit} is not ordered before {' and '.join(missing)}: libvirt can start "
+                    "guests before their disks are unlocked",
+                    fix=fix,
+                )
+            else:
+                yield Finding.ok(volume.name, f"unlocked before {', '.join(daemons)}")
+    for name, unit in guest.items():
+        state = properties.get(unit, {})
+        missing = [d for d in daemons if d not in state.get("After", "").split()]
+        if state.get("LoadState") != "loaded" or missing:
+            yield Finding.fail(
+                name,
+                f"{unit} is not ordered after {' and '.join(missing) or 'libvirt'}: at shutdown "
+                "libvirt can stop before the guest's graceful stop is done",
+                fix=fix,
+            )
+        else:
+            yield Finding.ok(name, f"started after {', '.join(daemons)}")
 
 
 # --- LVM: the guest VG leak and lvmetad -----------------------------------------------------------

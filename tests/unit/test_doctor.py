@@ -538,3 +538,119 @@ def test_doctor_over_a_root_without_processes_for_config_only(tmp_path: Path) ->
     assert report.exit_code == 0
     assert [f.status for f in report.findings] == [OK]
     assert os.path.isabs(report.findings[0].check) is False
+
+
+# --- units and ordering ---------------------------------------------------------------------------
+
+TARGET_ENABLED = '[{"unit_file":"luksvm.target","state":"enabled","preset":"disabled"}]'
+
+
+def test_units_never_applied_then_in_sync_then_out_of_sync(
+    tmp_path: Path, commands: Commands
+) -> None:
+    from luksvm import apply, config
+
+    root = seed(tmp_path, "cr_a /dev/a - luks,x-luksvm.guest=mail\n")
+    commands.unit_files(str(root), "[]")
+    (*_, target) = findings = run_check(Host(str(root)), "units")
+    assert findings[0].status == FAIL
+    assert findings[0].fix == "luksvm apply && systemctl enable luksvm.target"
+    assert (target.subject, target.status) == ("luksvm.target", FAIL)
+    assert target.message.startswith("luksvm.target is not installed")
+
+    apply.execute(apply.plan(config.load(str(root)), luksvm_path=apply.luksvm_path()))
+    commands.unit_files(str(root), TARGET_ENABLED)
+    findings = run_check(Host(str(root)), "units")
+    assert {f.subject: f.status for f in findings} == {"cr_a": OK, "mail": OK, "luksvm.target": OK}
+
+    write_config(root, {"20-more.conf": "cr_b /dev/b - luks,x-luksvm.guest=web\n"})
+    findings = run_check(Host(str(root)), "units")
+    assert by(findings, "cr_b").status == WARN
+    assert "apply would write etc/systemd/system/luksvm-unlock@cr_b.service.d" in (
+        by(findings, "cr_b").message
+    )
+    assert by(findings, "web").status == WARN
+    assert by(findings, "cr_a").status == OK
+
+
+def show_block(unit: str, **properties: str) -> str:
+    return "\n".join([f"Id={unit}", *(f"{k}={v}" for k, v in properties.items())]) + "\n\n"
+
+
+def test_ordering_is_read_from_systemd_for_the_daemon_in_use(
+    tmp_path: Path, commands: Commands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(doctor.systemctl, "running", lambda root="/": True)
+    root = seed(
+        tmp_path,
+        "cr_a /dev/a /etc/luksvm/keys/a.key luks,x-luksvm.guest=mail\n"
+        "cr_b /dev/b /etc/luksvm/keys/b.key luks,x-luksvm.guest=mail\n"
+        "cr_c /dev/c - luks,noauto,x-luksvm.guest=web\n",
+    )
+    daemons = ["libvirtd.service", "virtqemud.service", "libvirtd.socket", "virtqemud.socket"]
+    commands.set(
+        [
+            "systemctl",
+            "show",
+            "--no-pager",
+            "--property=Id,LoadState,ActiveState,UnitFileState",
+            *daemons,
+        ],
+        show_block(
+            "libvirtd.service", LoadState="not-found", ActiveState="inactive", UnitFileState=""
+        )
+        + show_block(
+            "virtqemud.service",
+            LoadState="loaded",
+            ActiveState="inactive",
+            UnitFileState="disabled",
+        )
+        + show_block(
+            "libvirtd.socket", LoadState="not-found", ActiveState="inactive", UnitFileState=""
+        )
+        + show_block(
+            "virtqemud.socket", LoadState="loaded", ActiveState="active", UnitFileState="enabled"
+        ),
+    )
+    units = [
+        "luksvm-unlock@cr_a.service",
+        "luksvm-unlock@cr_b.service",
+        "luksvm-unlock@cr_c.service",
+        "luksvm-guest@mail.service",
+        "luksvm-guest@web.service",
+    ]
+    commands.set(
+        ["systemctl", "show", "--no-pager", "--property=Id,LoadState,Before,After", *units],
+        show_block(
+            units[0],
+            LoadState="loaded",
+            Before="libvirtd.service virtqemud.service",
+            After="dev-a.device",
+        )
+        + show_block(
+            units[1],
+            LoadState="loaded",
+            Before="blockdev@dev-mapper-cr_b.target",
+            After="dev-b.device",
+        )
+        + show_block(units[2], LoadState="loaded", Before="", After="dev-c.device")
+        + show_block(
+            units[3],
+            LoadState="loaded",
+            Before="",
+            After="virtqemud.service luksvm-unlock@cr_a.service",
+        )
+        + show_block(units[4], LoadState="loaded", Before="", After="libvirtd.service"),
+    )
+    findings = run_check(Host(str(root), live=True), "ordering")
+    assert by(findings, "cr_a").status == OK
+    assert by(findings, "cr_b").status == FAIL
+    assert "not ordered before virtqemud.service" in by(findings, "cr_b").message
+    assert by(findings, "cr_c").status == OK  # asks for a passphrase: not before libvirt
+    assert by(findings, "mail").status == OK
+    assert by(findings, "web").status == FAIL
+
+
+def test_ordering_needs_a_running_systemd(tmp_path: Path) -> None:
+    (finding,) = run_check(Host(str(seed(tmp_path, "cr_a /dev/a - luks\n"))), "ordering")
+    assert finding.status == SKIP

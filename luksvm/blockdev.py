@@ -108,10 +108,10 @@ def backing_of_file(path: str, sys: str = "/sys", proc: str = "/proc") -> Backin
 def backing_of_devnum(major: int, minor: int, sys: str = "/sys", proc: str = "/proc") -> Backing:
     if major == 0:
         return _backing_of_mount(major, minor, sys, proc)
-    link = os.path.join(sys, "dev", "block", f"{major}:{minor}")
-    if not os.path.exists(link):
+    name = _kernel_name(f"{major}:{minor}", sys)
+    if name is None:
         return Backing(None, False, f"block device {major}:{minor} not in {sys}")
-    return _backing_of_block(os.path.realpath(link), sys, proc, depth=0)
+    return _backing_of_block(name, sys, proc, depth=0)
 
 
 def _backing_of_mount(major: int, minor: int, sys: str, proc: str) -> Backing:
@@ -139,6 +139,10 @@ def _mountinfo(proc: str) -> list[list[str]]:
         return []
 
 
+# _read, _kernel_name and _below_names are the same as on the maintenance branch's blockdev.py
+# (discard-chain stacks): when both are merged, one copy stays.
+
+
 def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -147,42 +151,56 @@ def _read(path: str) -> str:
         return ""
 
 
-def _backing_of_block(node: str, sys: str, proc: str, depth: int) -> Backing:
-    """`node` is a device's sysfs directory (…/block/sda/sda2, …/virtual/block/dm-3)."""
-    name = os.path.basename(node)
+def _kernel_name(number: str, sys_dir: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(os.path.join(sys_dir, "dev/block", number)))
+    except OSError:
+        return None
+
+
+def _below_names(name: str, sys_dir: str) -> list[str]:
+    """What lies directly below: the slaves of a stacked device, or the disk of a partition."""
+    base = os.path.join(sys_dir, "class/block", name)
+    try:
+        slaves = sorted(os.listdir(os.path.join(base, "slaves")))
+    except OSError:
+        slaves = []
+    if slaves:
+        return slaves
+    if os.path.exists(os.path.join(base, "partition")):
+        return [os.path.basename(os.path.dirname(os.path.realpath(base)))]
+    return []
+
+
+def _backing_of_block(name: str, sys: str, proc: str, depth: int) -> Backing:
+    """Encrypted when dm-crypt lies on every path from `name` down to the disks (a RAID with one
+    plain member is not)."""
     if depth > 16:
         return Backing(None, False, f"{name}: device stack too deep")
     if name.startswith(("zram", "ram")):
         return Backing(False, True, f"{name} (memory)")
-    dm_uuid = _read(os.path.join(node, "dm", "uuid"))
-    dm_name = _read(os.path.join(node, "dm", "name"))
+    base = os.path.join(sys, "class/block", name)
+    dm_uuid = _read(os.path.join(base, "dm/uuid"))
+    dm_name = _read(os.path.join(base, "dm/name"))
     if dm_uuid.startswith("CRYPT-"):
         return Backing(True, False, f"{name} (dm-crypt {dm_name})")
-    backing_file = _read(os.path.join(node, "loop", "backing_file"))
+    backing_file = _read(os.path.join(base, "loop/backing_file"))
     if backing_file:
         below = backing_of_file(backing_file, sys, proc)
         return Backing(
             below.encrypted, below.memory, f"{name} ({backing_file}) on {below.description}"
         )
-    if os.path.exists(os.path.join(node, "partition")):
-        below = _backing_of_block(os.path.dirname(node), sys, proc, depth + 1)
-        return Backing(below.encrypted, below.memory, f"{name} on {below.description}")
-    slaves = _names(os.path.join(node, "slaves"))
-    if slaves:
-        belows = [
-            _backing_of_block(
-                os.path.realpath(os.path.join(node, "slaves", slave)), sys, proc, depth + 1
-            )
-            for slave in slaves
-        ]
-        label = f"{name} ({dm_name})" if dm_name else name
-        description = f"{label} on " + " + ".join(b.description for b in belows)
-        if all(b.encrypted for b in belows):
-            return Backing(True, False, description)
-        if any(b.encrypted is False for b in belows):
-            return Backing(False, all(b.memory for b in belows), description)
-        return Backing(None, False, description)
-    return Backing(False, False, name)
+    names = _below_names(name, sys)
+    if not names:
+        return Backing(False, False, name)
+    belows = [_backing_of_block(n, sys, proc, depth + 1) for n in names]
+    label = f"{name} ({dm_name})" if dm_name else name
+    description = f"{label} on " + " + ".join(b.description for b in belows)
+    if all(b.encrypted for b in belows):
+        return Backing(True, False, description)
+    if any(b.encrypted is False for b in belows):
+        return Backing(False, all(b.memory for b in belows), description)
+    return Backing(None, False, description)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,10 @@ def fake_sys(tmp_path: Path) -> Path:
     os.symlink(dm0, md0 / "slaves/dm-0")
     zram = virtual / "zram0"
     zram.mkdir()
+    classes = sys / "class/block"
+    classes.mkdir(parents=True)
+    for node in (sda, sda / "sda2", sda / "sda3", sdb1.parent, sdb1, dm0, dm1, dm2, md0, zram):
+        os.symlink(node, classes / node.name)
     links = sys / "dev/block"
     links.mkdir(parents=True)
     for number, node in {

@@ -1,0 +1,797 @@
+"""Shrinking LVM-on-LUKS: an exact planner (pure) and a step-by-step, checked executor.
+
+Two stacks are handled, both read from the real devices:
+
+    partition → LUKS → PV → VG → LVs      (a host's own disk, shrunk from a rescue system)
+    host LV   → LUKS → PV → VG → LVs      (a guest's disk, guest shut off)
+
+The admin names the LV and its new size. Every layer below is shrunk to the smallest aligned size
+that holds the layer above, so the freed space appears at the bottom (partition end / host VG).
+All arithmetic is on integers: bytes, 512-byte sectors (cryptsetup), logical sectors (the partition
+table), filesystem blocks (resize2fs), extents (LVM). No tool ever gets a size without its unit.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from luksvm import sizes
+from luksvm.blockdev import Partition
+from luksvm.cryptsetup import LuksHeader
+from luksvm.errors import LuksvmError, UsageError
+from luksvm.extfs import ExtFilesystem
+from luksvm.lvm import PvSegment, VgLayout
+from luksvm.sizes import SECTOR, MiB, human
+
+DEFAULT_MARGIN_PERCENT = 25  # free space above resize2fs's minimum, as a share of the used blocks
+PARTITION_ALIGNMENT = MiB  # partition ends are aligned so the next partition can start aligned
+
+
+# --- what the planner reads ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostLv:
+    """The LUKS container when it is an LV of the host's own VG."""
+
+    path: str
+    vg: str
+    lv: str
+    size: int  # bytes
+    extent_size: int  # of the host VG
+
+
+Container = Union[Partition, HostLv]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the planner needs, as read from the devices (see probe())."""
+
+    vg: VgLayout  # the VG inside the LUKS container
+    lv: str  # the LV to shrink
+    lv_path: str  # the block device holding its filesystem
+    filesystem: ExtFilesystem
+    mounted: tuple[str, ...]  # where the LV's filesystem is mounted (must be nowhere)
+    pv_device: str  # the PV as LVM names it (the open LUKS mapping)
+    end_mda: int  # bytes of LVM metadata area at the PV's end (0 when there is none)
+    mapping_name: str  # the open LUKS mapping, as `cryptsetup resize` takes it
+    mapping_size: int  # bytes
+    luks: LuksHeader
+    container: Container
+    lvm_fs_option: bool  # lvreduce knows `--fs` (lvm2 >= 2.03.17)
+
+    @property
+    def container_size(self) -> int:
+        if isinstance(self.container, Partition):
+            return self.container.size_bytes
+        return self.container.size
+
+
+# --- what the planner returns --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """What must be true after a step, measurable on the devices.
+
+    kind: fsck (exit status 0), file (exists, `expected` bytes), fs_blocks, lv_size (bytes),
+    pv_extents, pv_dev_size (bytes), segment (PEs `expected`… hold LEs args[1]… of LV args[0]),
+    mapping_size (512-byte sectors), partition_size (LBAs in the table), kernel_size (bytes)."""
+
+    kind: str
+    subject: str
+    expected: int
+    text: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int
+    title: str
+    argv: tuple[str, ...]
+    check: Check
+    sizes: tuple[str, ...] = ()  # every size the step involves, in bytes and in the tool's unit
+    stdin: str = ""  # text fed on stdin (sfdisk's script); never a secret
+    needs_key: bool = False  # the LUKS key goes on stdin (cryptsetup resize on LUKS2)
+    always: bool = False  # run even when the check already holds (backups, fsck)
+    timeout: float = 24 * 3600  # moves and fsck of large volumes take hours
+
+
+@dataclass(frozen=True)
+class Move:
+    """pvmove of `count` extents of `lv` (its LEs le_start…) from PE `source` to PE `target`."""
+
+    lv: str
+    le_start: int
+    source: int
+    target: int
+    count: int
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    layer: str
+    device: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The exact figures the plan works to (all bytes unless the name says otherwise)."""
+
+    lv_size: int
+    lv_extents: int
+    fs_blocks: int
+    fs_required_blocks: int  # resize2fs minimum + margin
+    allocated_extents: int  # in the VG after the LV shrinks
+    pv_min_size: int  # pe_start + extents + metadata area at the end
+    crypt_min_sectors: int
+    container_min_size: int  # data offset + crypt_min
+    container_size: int  # aligned (partition) or whole extents (host LV)
+    partition_end: int  # last LBA (inclusive), -1 for a host LV
+    crypt_final_sectors: int  # the mapping filling the container again
+    pv_final_extents: int
+    freed: int  # bytes given back at the bottom
+
+
+@dataclass(frozen=True)
+class Plan:
+    vg: str
+    lv: str
+    targets: Targets
+    moves: tuple[Move, ...]
+    steps: tuple[Step, ...]
+    layers: tuple[LayerRow, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not any(not step.always for step in self.steps)
+
+
+class PlanRefused(LuksvmError):
+    """The layout or the requested size cannot be shrunk safely; nothing was changed."""
+
+
+# --- the planner (pure) --------------------------------------------------------------------------
+
+
+def parse_target(text: str, extent_size: int) -> int:
+    """Bytes of `--to`, which must be a whole number of extents (LVM would round it silently)."""
+    size = sizes.parse_size(text, extent_size=extent_size)
+    if size <= 0:
+        raise UsageError(f"--to {text}: the size must be above zero")
+    if size % extent_size:
+        below = sizes.round_down(size, extent_size)
+        above = below + extent_size
+        raise UsageError(
+            f"--to {text} = {size:,} B is not a whole number of the VG's "
+            f"{human(extent_size)} extents; LVM would round it. Use "
+            f"{below // extent_size}e ({below:,} B) or {above // extent_size}e ({above:,} B)"
+        )
+    return size
+
+
+def required_blocks(fs: ExtFilesystem, margin_percent: int) -> int:
+    """resize2fs's minimum plus a margin of `margin_percent` of the used blocks (rounded up)."""
+    return fs.min_blocks + sizes.ceil_div(fs.used_blocks * margin_percent, 100)
+
+
+def refuse_unsupported(layout: Layout) -> None:
+    """Layouts the planner cannot shrink safely, each with the reason and what to do."""
+    vg = layout.vg
+    if len(vg.pvs) != 1:
+        names = ", ".join(pv.name for pv in vg.pvs)
+        raise PlanRefused(
+            f"VG {vg.name} has {len(vg.pvs)} PVs ({names}); luksvm shrinks a VG on one "
+            "LUKS container only"
+        )
+    if vg.pvs[0].name != layout.pv_device:
+        raise PlanRefused(
+            f"VG {vg.name} lies on {vg.pvs[0].name}, not on the LUKS mapping {layout.pv_device}"
+        )
+    for lv in vg.lvs:
+        if lv.attr.startswith("p") or "pvmove" in lv.name:
+            raise PlanRefused(
+                f"VG {vg.name} has an interrupted pvmove ({lv.name}); finish it with `pvmove` "
+                "(no arguments) or undo it with `pvmove --abort`, then plan again"
+            )
+        odd = [t for t in lv.segtypes if t != "linear"]
+        if odd or lv.origin or lv.pool or lv.attr[:1] in {"s", "S", "o", "O", "t", "V", "r"}:
+            kind = odd[0] if odd else (lv.layout or lv.attr)
+            raise PlanRefused(
+                f"LV {vg.name}/{lv.name} is {kind} (snapshot, thin, raid, mirror or cache); "
+                "luksvm moves only linear LVs: remove or convert it first"
+            )
+    if layout.vg.lv(layout.lv) is None:
+        raise PlanRefused(f"LV {vg.name}/{layout.lv} not found in VG {vg.name}")
+    if layout.mounted:
+        raise PlanRefused(
+            f"{layout.lv_path} is mounted on {', '.join(layout.mounted)}; unmount it (boot a "
+            "rescue system for a root filesystem) and run again"
+        )
+    if layout.filesystem.state not in {"clean", "not clean"}:
+        raise PlanRefused(
+            f"{layout.lv_path}: filesystem state is {layout.filesystem.state!r}; "
+            f"run e2fsck -f {layout.lv_path} and plan again"
+        )
+
+
+def segments_after_reduce(
+    segments: Sequence[PvSegment], lv: str, new_extents: int
+) -> list[PvSegment]:
+    """The PV's segments once `lv` keeps its first `new_extents` LEs (lvreduce cuts the end)."""
+    result: list[PvSegment] = []
+    for seg in segments:
+        if seg.lv != lv or seg.le_start + seg.pe_count <= new_extents:
+            result.append(seg)
+        elif seg.le_start >= new_extents:
+            result.append(PvSegment(seg.pe_start, seg.pe_count, "", 0))
+        else:
+            kept = new_extents - seg.le_start
+            result.append(PvSegment(seg.pe_start, kept, lv, seg.le_start))
+            result.append(PvSegment(seg.pe_start + kept, seg.pe_count - kept, "", 0))
+    return sorted(result, key=lambda s: s.pe_start)
+
+
+def pack_moves(segments: Sequence[PvSegment], new_end: int) -> list[Move]:
+    """Moves that bring every allocated extent at or above PE `new_end` into the free extents below
+    it, lowest free extent first. Needs as many free extents below as allocated ones above."""
+    holes: list[list[int]] = []  # [first PE, count] of free runs below new_end
+    for seg in segments:
+        if not seg.lv and seg.pe_start < new_end:
+            holes.append([seg.pe_start, min(seg.pe_end, new_end) - seg.pe_start])
+    moves: list[Move] = []
+    for seg in segments:
+        if not seg.lv or seg.pe_end <= new_end:
+            continue
+        skip = max(0, new_end - seg.pe_start)  # the part below the new end stays
+        source, le, left = seg.pe_start + skip, seg.le_start + skip, seg.pe_count - skip
+        while left:
+            if not holes:
+                raise PlanRefused(
+                    f"not enough free extents below PE {new_end} to move {seg.lv} into"
+                )
+            hole = holes[0]
+            count = min(left, hole[1])
+            moves.append(Move(seg.lv, le, source, hole[0], count))
+            source, le, left = source + count, le + count, left - count
+            hole[0] += count
+            hole[1] -= count
+            if not hole[1]:
+                holes.pop(0)
+    return moves
+
+
+def _container_target(layout: Layout, minimum: int) -> tuple[int, int]:
+    """(bytes, last LBA) of the smallest aligned container holding `minimum` bytes, never larger
+    than it is now. For a host LV the last LBA is -1."""
+    container = layout.container
+    if isinstance(container, Partition):
+        lba = container.sector_size
+        align = max(1, PARTITION_ALIGNMENT // lba)
+        needed = sizes.ceil_div(minimum, lba)
+        end = sizes.round_up(container.start + needed, align) - 1
+        end = min(end, container.end)
+        return (end - container.start + 1) * lba, end
+    size = min(sizes.round_up(minimum, container.extent_size), container.size)
+    return size, -1
+
+
+def plan(
+    layout: Layout,
+    target: int,
+    *,
+    margin_percent: int = DEFAULT_MARGIN_PERCENT,
+    backup_dir: str = "/var/lib/luksvm/shrink/NEW",
+) -> Plan:
+    """The exact plan to shrink layout.lv to `target` bytes and every layer below to fit."""
+    refuse_unsupported(layout)
+    vg, fs, luks = layout.vg, layout.filesystem, layout.luks
+    ext = vg.extent_size
+    pv = vg.pvs[0]
+    lv = vg.lv(layout.lv)
+    assert lv is not None  # refuse_unsupported checked it
+    if target > lv.size:
+        raise UsageError(
+            f"--to {target:,} B is larger than {vg.name}/{lv.name} ({human(lv.size)}); "
+            "luksvm shrink only shrinks"
+        )
+    lv_extents = target // ext
+    fs_blocks = sizes.to_blocks(target, fs.block_size)
+    need = required_blocks(fs, margin_percent)
+    if fs_blocks < need and fs_blocks < fs.block_count:
+        smallest = sizes.round_up(need * fs.block_size, ext)
+        raise PlanRefused(
+            f"{vg.name}/{lv.name} cannot shrink to {human(target)}: its filesystem needs "
+            f"{need:,} blocks of {fs.block_size:,} B (resize2fs -P minimum {fs.min_blocks:,} + "
+            f"{margin_percent}% of {fs.used_blocks:,} used blocks); the minimum is "
+            f"{human(need * fs.block_size)}, in whole extents --to {smallest // ext}e "
+            f"({smallest:,} B)"
+        )
+
+    after = segments_after_reduce(vg.segments, lv.name, lv_extents)
+    allocated = sum(s.pe_count for s in after if s.lv)
+    pv_min = pv.pe_start + allocated * ext + layout.end_mda
+    crypt_min = sizes.round_up(pv_min, luks.sector_size)
+    container_min = luks.data_offset + crypt_min
+    container_size, partition_end = _container_target(layout, container_min)
+    shrink_container = container_size < layout.container_size
+    crypt_final = sizes.round_down(container_size - luks.data_offset, luks.sector_size)
+    pv_final = (crypt_final - pv.pe_start - layout.end_mda) // ext
+    moves = pack_moves(after, allocated) if shrink_container else []
+    targets = Targets(
+        lv_size=target,
+        lv_extents=lv_extents,
+        fs_blocks=fs_blocks,
+        fs_required_blocks=need,
+        allocated_extents=allocated,
+        pv_min_size=pv_min,
+        crypt_min_sectors=crypt_min // SECTOR,
+        container_min_size=container_min,
+        container_size=container_size,
+        partition_end=partition_end,
+        crypt_final_sectors=crypt_final // SECTOR,
+        pv_final_extents=pv_final,
+        freed=layout.container_size - container_size,
+    )
+    steps = _steps(layout, targets, moves, backup_dir, shrink_container)
+    return Plan(
+        vg=vg.name,
+        lv=lv.name,
+        targets=targets,
+        moves=tuple(moves),
+        steps=tuple(steps),
+        layers=_layers(layout, targets),
+        notes=_notes(layout, targets, margin_percent),
+    )
+
+
+def _blocks(count: int, block_size: int) -> str:
+    return f"{count:,} blocks × {block_size:,} B = {human(count * block_size)}"
+
+
+def _extents(count: int, extent_size: int) -> str:
+    return f"{count:,} extents × {extent_size:,} B = {human(count * extent_size)}"
+
+
+def _sectors(count: int) -> str:
+    return f"{count:,} sectors × 512 B = {human(count * SECTOR)}"
+
+
+def _steps(
+    layout: Layout, t: Targets, moves: Sequence[Move], backup_dir: str, shrink_container: bool
+) -> list[Step]:
+    vg, fs, luks, pv = layout.vg, layout.filesystem, layout.luks, layout.vg.pvs[0]
+    ext = vg.extent_size
+    lv_name = f"{vg.name}/{layout.lv}"
+    on_pv = ("--devices", layout.pv_device)  # LVM looks at this device alone (a guest's VG)
+    fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
+    lv = vg.lv(layout.lv)
+    assert lv is not None
+    drafts: list[tuple[str, tuple[str, ...], Check, tuple[str, ...], dict[str, object]]] = []
+
+    def add(
+        title: str,
+        argv: Sequence[str],
+        check: Check,
+        sizes_: Sequence[str] = (),
+        **extra: object,
+    ) -> None:
+        drafts.append((title, tuple(argv), check, tuple(sizes_), extra))
+
+    header_file = f"{backup_dir}/luks-header-{luks.uuid}.img"
+    add(
+        "back up the LUKS header",
+        ["cryptsetup", "luksHeaderBackup", luks.device, "--header-backup-file", header_file],
+        Check("file", header_file, luks.data_offset, f"{header_file} holds {luks.data_offset:,} B"),
+        [f"header: {human(luks.data_offset)}"],
+        always=True,
+        timeout=120,
+    )
+    vg_file = f"{backup_dir}/{vg.name}.vg"
+    add(
+        f"back up the LVM metadata of VG {vg.name}",
+        ["vgcfgbackup", *on_pv, "-f", vg_file, vg.name],
+        Check("file", vg_file, 0, f"{vg_file} exists"),
+        always=True,
+        timeout=120,
+    )
+    host = layout.container if isinstance(layout.container, HostLv) else None
+    if host is not None and shrink_container:
+        host_file = f"{backup_dir}/{host.vg}.vg"
+        add(
+            f"back up the LVM metadata of host VG {host.vg}",
+            ["vgcfgbackup", "-f", host_file, host.vg],
+            Check("file", host_file, 0, f"{host_file} exists"),
+            always=True,
+            timeout=120,
+        )
+
+    def fsck(when: str) -> None:
+        add(
+            f"check the filesystem {when}",
+            ["e2fsck", "-f", "-p", layout.lv_path],
+            Check("fsck", layout.lv_path, 0, "e2fsck exits 0 (clean, nothing changed)"),
+            always=True,
+        )
+
+    fs_changes = fs.block_count != t.fs_blocks
+    if fs_changes or lv.size != t.lv_size:
+        fsck("before")
+    if fs_changes:
+        add(
+            f"shrink the filesystem to {human(t.fs_blocks * fs.block_size)}",
+            ["resize2fs", layout.lv_path, str(t.fs_blocks)],
+            Check(
+                "fs_blocks",
+                layout.lv_path,
+                t.fs_blocks,
+                f"dumpe2fs: block count {t.fs_blocks:,}",
+            ),
+            [
+                f"before: {_blocks(fs.block_count, fs.block_size)}",
+                f"after: {_blocks(t.fs_blocks, fs.block_size)} (resize2fs reads blocks)",
+                f"required: {_blocks(t.fs_required_blocks, fs.block_size)}",
+            ],
+        )
+        fsck("after resize2fs")
+    if lv.size != t.lv_size:
+        add(
+            f"shrink LV {lv_name} to {human(t.lv_size)}",
+            ["lvreduce", *on_pv, "--yes", *fs_opt, "-L", f"{t.lv_size}b", lv_name],
+            Check("lv_size", lv_name, t.lv_size, f"lvs: {lv_name} is {t.lv_size:,} B"),
+            [
+                f"before: {_extents(lv.size // ext, ext)}",
+                f"after: {_extents(t.lv_extents, ext)} (-L {t.lv_size}b)",
+            ],
+        )
+    for move in moves:
+        src = f"{layout.pv_device}:{move.source}-{move.source + move.count - 1}"
+        dst = f"{layout.pv_device}:{move.target}-{move.target + move.count - 1}"
+        add(
+            f"move {move.count:,} extents of {move.lv} (LE {move.le_start:,}…) below PE "
+            f"{t.allocated_extents:,}",
+            ["pvmove", *on_pv, "--alloc", "anywhere", "-n", move.lv, src, dst],
+            Check(
+                "segment",
+                layout.pv_device,
+                move.target,
+                f"pvs --segments: PE {move.target:,}-{move.target + move.count - 1:,} hold "
+                f"{move.lv} LE {move.le_start:,}-{move.le_start + move.count - 1:,}",
+                (move.lv, str(move.le_start), str(move.count)),
+            ),
+            [f"{_extents(move.count, ext)}: PE {move.source:,} → PE {move.target:,}"],
+        )
+    if shrink_container:
+        pe_now = pv.size // ext
+        if pe_now != t.allocated_extents:
+            add(
+                f"shrink PV {layout.pv_device} to {t.allocated_extents:,} extents",
+                [
+                    "pvresize",
+                    *on_pv,
+                    "--yes",
+                    "--setphysicalvolumesize",
+                    f"{t.pv_min_size}b",
+                    layout.pv_device,
+                ],
+                Check(
+                    "pv_extents",
+                    layout.pv_device,
+                    t.allocated_extents,
+                    f"pvs: {t.allocated_extents:,} extents",
+                ),
+                [
+                    f"before: {_extents(pe_now, ext)}",
+                    f"after: {t.pv_min_size:,} B = pe_start {pv.pe_start:,} B + "
+                    f"{_extents(t.allocated_extents, ext)} + end metadata area "
+                    f"{layout.end_mda:,} B",
+                ],
+            )
+        add(
+            f"shrink the LUKS mapping {layout.mapping_name} to its PV",
+            ["cryptsetup", "resize", "--size", str(t.crypt_min_sectors), layout.mapping_name],
+            Check(
+                "mapping_size",
+                layout.mapping_name,
+                t.crypt_min_sectors,
+                f"mapping is {t.crypt_min_sectors:,} sectors",
+            ),
+            [
+                f"before: {_sectors(layout.mapping_size // SECTOR)}",
+                f"after: {_sectors(t.crypt_min_sectors)} (--size counts 512-byte sectors; "
+                f"a multiple of the {luks.sector_size:,} B encryption sector)",
+            ],
+            needs_key=luks.version == 2,
+        )
+        _add_container_steps(layout, t, add)
+        add(
+            f"grow the LUKS mapping {layout.mapping_name} to fill its container",
+            ["cryptsetup", "resize", "--size", str(t.crypt_final_sectors), layout.mapping_name],
+            Check(
+                "mapping_size",
+                layout.mapping_name,
+                t.crypt_final_sectors,
+                f"mapping is {t.crypt_final_sectors:,} sectors",
+            ),
+            [
+                f"after: {_sectors(t.crypt_final_sectors)} = container "
+                f"{t.container_size:,} B - data offset {luks.data_offset:,} B"
+                + (
+                    f", rounded down to {luks.sector_size:,} B"
+                    if (t.container_size - luks.data_offset) % luks.sector_size
+                    else ""
+                )
+            ],
+            needs_key=luks.version == 2,
+        )
+        add(
+            f"grow PV {layout.pv_device} to fill the mapping",
+            ["pvresize", *on_pv, "--yes", layout.pv_device],
+            Check(
+                "pv_extents",
+                layout.pv_device,
+                t.pv_final_extents,
+                f"pvs: {t.pv_final_extents:,} extents",
+            ),
+            [f"after: {_extents(t.pv_final_extents, ext)}"],
+        )
+    if fs_changes or lv.size != t.lv_size:
+        add(
+            "grow the filesystem to fill the LV exactly",
+            ["resize2fs", layout.lv_path],
+            Check(
+                "fs_blocks",
+                layout.lv_path,
+                t.lv_size // fs.block_size,
+                f"dumpe2fs: block count {t.lv_size // fs.block_size:,}",
+            ),
+            [f"after: {_blocks(t.lv_size // fs.block_size, fs.block_size)}"],
+            always=True,
+        )
+        fsck("at the end")
+    steps: list[Step] = []
+    for number, (title, argv, check, sizes_, extra) in enumerate(drafts, start=1):
+        steps.append(
+            Step(
+                number=number,
+                title=title,
+                argv=argv,
+                check=check,
+                sizes=sizes_,
+                stdin=str(extra.get("stdin", "")),
+                needs_key=bool(extra.get("needs_key", False)),
+                always=bool(extra.get("always", False)),
+                timeout=float(extra.get("timeout", 24 * 3600)),  # type: ignore[arg-type]
+            )
+        )
+    return steps
+
+
+def _add_container_steps(layout: Layout, t: Targets, add: _Add) -> None:
+    container = layout.container
+    if isinstance(container, Partition):
+        new_size = t.container_size // container.sector_size
+        lba = container.sector_size
+        add(
+            f"shrink partition {container.number} of {container.disk} to end at sector "
+            f"{t.partition_end:,}",
+            [
+                "sfdisk",
+                "--no-reread",
+                "--no-tell-kernel",
+                "--wipe",
+                "never",
+                "--wipe-partitions",
+                "never",
+                "-N",
+                str(container.number),
+                container.disk,
+            ],
+            Check(
+                "partition_size",
+                container.path,
+                new_size,
+                f"sfdisk --json: partition {container.number} is {new_size:,} sectors "
+                f"from {container.start:,}",
+            ),
+            [
+                f"before: sectors {container.start:,}-{container.end:,} "
+                f"({container.size:,} × {lba} B = {human(container.size_bytes)})",
+                f"after: sectors {container.start:,}-{t.partition_end:,} "
+                f"({new_size:,} × {lba} B = {human(t.container_size)}); parted `unit s` end "
+                f"{t.partition_end}; needs {t.container_min_size:,} B, end aligned to "
+                f"{human(PARTITION_ALIGNMENT)}",
+            ],
+            stdin=f"{container.start},{new_size}\n",
+        )
+        add(
+            f"tell the kernel the new size of {container.path}",
+            ["partx", "--update", "--nr", str(container.number), container.disk],
+            Check(
+                "kernel_size",
+                container.path,
+                t.container_size,
+                f"the kernel sees {container.path} as {t.container_size:,} B",
+            ),
+            timeout=120,
+        )
+    else:
+        name = f"{container.vg}/{container.lv}"
+        fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
+        host_ext = container.extent_size
+        add(
+            f"shrink host LV {name} to {human(t.container_size)}",
+            ["lvreduce", "--yes", *fs_opt, "-L", f"{t.container_size}b", name],
+            Check("lv_size", name, t.container_size, f"lvs: {name} is {t.container_size:,} B"),
+            [
+                f"before: {_extents(container.size // host_ext, host_ext)}",
+                f"after: {_extents(t.container_size // host_ext, host_ext)}"
+                f" (-L {t.container_size}b); needs {t.container_min_size:,} B",
+            ],
+        )
+
+
+class _Add(Protocol):  # the signature of _steps' `add`, for typing _add_container_steps
+    def __call__(
+        self,
+        title: str,
+        argv: Sequence[str],
+        check: Check,
+        sizes_: Sequence[str] = (),
+        **extra: object,
+    ) -> None: ...
+
+
+def _layers(layout: Layout, t: Targets) -> tuple[LayerRow, ...]:
+    vg, fs, luks, pv = layout.vg, layout.filesystem, layout.luks, layout.vg.pvs[0]
+    ext = vg.extent_size
+    lv = vg.lv(layout.lv)
+    assert lv is not None
+    final_blocks = t.lv_size // fs.block_size
+    rows = [
+        LayerRow(
+            f"filesystem ({fs.fs_type})",
+            layout.lv_path,
+            _blocks(fs.block_count, fs.block_size),
+            _blocks(final_blocks, fs.block_size),
+        ),
+        LayerRow(
+            "LV",
+            f"{vg.name}/{lv.name}",
+            _extents(lv.size // ext, ext),
+            _extents(t.lv_extents, ext),
+        ),
+        LayerRow(
+            "PV",
+            layout.pv_device,
+            _extents(pv.size // ext, ext),
+            _extents(t.pv_final_extents, ext),
+        ),
+        LayerRow(
+            f"LUKS{luks.version} mapping",
+            layout.mapping_name,
+            _sectors(layout.mapping_size // SECTOR),
+            _sectors(t.crypt_final_sectors),
+        ),
+    ]
+    container = layout.container
+    if isinstance(container, Partition):
+        rows.append(
+            LayerRow(
+                "partition",
+                container.path,
+                f"sectors {container.start:,}-{container.end:,} = {human(container.size_bytes)}",
+                f"sectors {container.start:,}-{t.partition_end:,} = {human(t.container_size)}",
+            )
+        )
+    else:
+        rows.append(
+            LayerRow(
+                "host LV",
+                f"{container.vg}/{container.lv}",
+                _extents(container.size // container.extent_size, container.extent_size),
+                _extents(t.container_size // container.extent_size, container.extent_size),
+            )
+        )
+    return tuple(rows)
+
+
+def _notes(layout: Layout, t: Targets, margin_percent: int) -> tuple[str, ...]:
+    fs = layout.filesystem
+    notes = [
+        f"filesystem minimum: resize2fs -P {fs.min_blocks:,} blocks + {margin_percent}% of "
+        f"{fs.used_blocks:,} used blocks = {_blocks(t.fs_required_blocks, fs.block_size)}",
+        f"LUKS{layout.luks.version} data offset {layout.luks.data_offset:,} B "
+        f"({layout.luks.data_offset // SECTOR:,} sectors), encryption sector "
+        f"{layout.luks.sector_size:,} B",
+        f"freed at the bottom: {human(t.freed)}",
+    ]
+    if t.freed == 0:
+        notes.append("the container keeps its size: the freed extents stay free in the VG")
+    return tuple(notes)
+
+
+# --- showing a plan ------------------------------------------------------------------------------
+
+
+def describe(plan_: Plan) -> dict[str, object]:
+    """The plan as JSON-ready data (`luksvm shrink plan --json`)."""
+    t = plan_.targets
+    return {
+        "vg": plan_.vg,
+        "lv": plan_.lv,
+        "nothing_to_do": plan_.nothing_to_do,
+        "targets": {name: getattr(t, name) for name in t.__dataclass_fields__},
+        "moves": [
+            {
+                "lv": m.lv,
+                "le_start": m.le_start,
+                "source_pe": m.source,
+                "target_pe": m.target,
+                "extents": m.count,
+            }
+            for m in plan_.moves
+        ],
+        "layers": [
+            {"layer": r.layer, "device": r.device, "before": r.before, "after": r.after}
+            for r in plan_.layers
+        ],
+        "steps": [
+            {
+                "number": s.number,
+                "title": s.title,
+                "argv": list(s.argv),
+                "command": shlex.join(s.argv),
+                "stdin": "LUKS key" if s.needs_key else s.stdin,
+                "always": s.always,
+                "sizes": list(s.sizes),
+                "check": {
+                    "kind": s.check.kind,
+                    "subject": s.check.subject,
+                    "expected": s.check.expected,
+                    "args": list(s.check.args),
+                    "text": s.check.text,
+                },
+            }
+            for s in plan_.steps
+        ],
+        "notes": list(plan_.notes),
+    }
+
+
+def command_line(step: Step) -> str:
+    line = shlex.join(step.argv)
+    if step.needs_key:
+        line += "   # key on stdin"
+    elif step.stdin:
+        line = f"echo {shlex.quote(step.stdin.strip())} | {line}"
+    return line
+
+
+def format_plan(plan_: Plan) -> str:
+    """The plan as an admin reads it: layers before/after, then numbered steps with checks."""
+    lines = [f"Shrink {plan_.vg}/{plan_.lv}", ""]
+    header = ("LAYER", "DEVICE", "BEFORE", "AFTER")
+    rows = [header] + [(r.layer, r.device, r.before, r.after) for r in plan_.layers]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    lines += [f"note: {n}" for n in plan_.notes]
+    lines.append("")
+    if plan_.nothing_to_do:
+        lines.append("Nothing to do: every layer already has its planned size.")
+        return "\n".join(lines)
+    for step in plan_.steps:
+        lines.append(f"{step.number:>2}. {step.title}")
+        lines.append(f"      $ {command_line(step)}")
+        lines += [f"      {s}" for s in step.sizes]
+        lines.append(f"      check: {step.check.text}")
+    return "\n".join(lines)

@@ -165,3 +165,16 @@ def open_count(dm_name: str) -> int:
         ["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm_name], timeout=TIMEOUT
     ).stdout
     return int(text.strip() or 0)
+
+
+def crypt_mapping_on(device: str) -> str:
+    """The device-mapper name of the dm-crypt mapping open on `device`, "" if none is."""
+    for holder in describe(device).holders:
+        if _read(f"{SYSFS}/{holder}/dm/uuid").startswith("CRYPT-"):
+            return _read(f"{SYSFS}/{holder}/dm/name")
+    return ""
+
+
+def settle() -> None:
+    """Wait for udev to create the /dev nodes of devices just opened or activated."""
+    run(["udevadm", "settle", "--timeout", "30"], timeout=40, check=False)

@@ -13,18 +13,29 @@ table), filesystem blocks (resize2fs), extents (LVM). No tool ever gets a size w
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import getpass
+import json
+import logging
+import os
+import re
 import shlex
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
-from luksvm import sizes
+from luksvm import blockdev, config, cryptsetup, extfs, lvm, sizes
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.extfs import ExtFilesystem
 from luksvm.lvm import PvSegment, VgLayout
+from luksvm.run import run
 from luksvm.sizes import SECTOR, MiB, human
+
+log = logging.getLogger("luksvm.shrink")
 
 DEFAULT_MARGIN_PERCENT = 25  # free space above resize2fs's minimum, as a share of the used blocks
 PARTITION_ALIGNMENT = MiB  # partition ends are aligned so the next partition can start aligned
@@ -373,6 +384,7 @@ def _steps(
     lv_name = f"{vg.name}/{layout.lv}"
     on_pv = ("--devices", layout.pv_device)  # LVM looks at this device alone (a guest's VG)
     fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
+    key_opt = ("--key-file=-",) if luks.version == 2 else ()  # LUKS2 resize asks for the key
     lv = vg.lv(layout.lv)
     assert lv is not None
     drafts: list[tuple[str, tuple[str, ...], Check, tuple[str, ...], dict[str, object]]] = []
@@ -497,7 +509,14 @@ def _steps(
             )
         add(
             f"shrink the LUKS mapping {layout.mapping_name} to its PV",
-            ["cryptsetup", "resize", "--size", str(t.crypt_min_sectors), layout.mapping_name],
+            [
+                "cryptsetup",
+                "resize",
+                *key_opt,
+                "--size",
+                str(t.crypt_min_sectors),
+                layout.mapping_name,
+            ],
             Check(
                 "mapping_size",
                 layout.mapping_name,
@@ -514,7 +533,14 @@ def _steps(
         _add_container_steps(layout, t, add)
         add(
             f"grow the LUKS mapping {layout.mapping_name} to fill its container",
-            ["cryptsetup", "resize", "--size", str(t.crypt_final_sectors), layout.mapping_name],
+            [
+                "cryptsetup",
+                "resize",
+                *key_opt,
+                "--size",
+                str(t.crypt_final_sectors),
+                layout.mapping_name,
+            ],
             Check(
                 "mapping_size",
                 layout.mapping_name,
@@ -795,3 +821,363 @@ def format_plan(plan_: Plan) -> str:
         lines += [f"      {s}" for s in step.sizes]
         lines.append(f"      check: {step.check.text}")
     return "\n".join(lines)
+
+
+# --- reading the devices (impure) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where each layer is: resolved from the command line (locate()) or given by a test."""
+
+    vg: str
+    lv: str
+    container: str  # the LUKS container: a partition or a host LV
+    mapping: str  # the open LUKS mapping (the PV), as LVM names it
+    mapping_name: str  # as `cryptsetup resize` takes it
+    lv_path: str  # the block device of the LV's filesystem
+    host_lv: tuple[str, str] | None = None  # (VG, LV) when the container is a host LV
+
+
+def read_host_lv(path: str, vg: str, lv: str) -> HostLv:
+    rows = lvm.report("lvs", ["lv_size", "vg_extent_size"], [f"{vg}/{lv}"])
+    if not rows:
+        raise LuksvmError(f"host LV {vg}/{lv} not found")
+    return HostLv(path, vg, lv, int(rows[0]["lv_size"]), int(rows[0]["vg_extent_size"]))
+
+
+def host_lv_of(device: str) -> tuple[str, str] | None:
+    """(VG, LV) when `device` is an LV of the host, else None."""
+    found = blockdev.describe(device)
+    if not found.is_lvm:
+        return None
+    for row in lvm.report("lvs", ["vg_name", "lv_name", "lv_dm_path"]):
+        if row["lv_dm_path"] == f"/dev/mapper/{found.dm_name}":
+            return row["vg_name"], row["lv_name"]
+    return None
+
+
+def read_layout(where: Where) -> Layout:
+    """Read every layer from the devices; unsupported content is refused and named."""
+    vg = lvm.vg_layout(where.vg, [where.mapping])
+    luks = cryptsetup.read_header(where.container)
+    if where.host_lv is not None:
+        container: Container = read_host_lv(where.container, *where.host_lv)
+    else:
+        part = blockdev.partition(where.container)
+        if part is None:
+            raise PlanRefused(
+                f"{where.container} is neither a partition nor an LV of the host; luksvm "
+                "shrinks LUKS on a partition or on a host LV"
+            )
+        container = part
+    end_mda = lvm.end_metadata_area_size(where.mapping) if max(vg.mda_counts) > 1 else 0
+    return Layout(
+        vg=vg,
+        lv=where.lv,
+        lv_path=where.lv_path,
+        filesystem=extfs.read(where.lv_path),
+        mounted=tuple(blockdev.mountpoints(where.lv_path)),
+        pv_device=where.mapping,
+        end_mda=end_mda,
+        mapping_name=where.mapping_name,
+        mapping_size=blockdev.describe(where.mapping).size,
+        luks=luks,
+        container=container,
+        lvm_fs_option=lvm.supports_fs_option(lvm.version()),
+    )
+
+
+# --- measuring what a step did -------------------------------------------------------------------
+
+
+def measure(check: Check, where: Where) -> int:
+    """The value on the devices that `check.expected` is compared with."""
+    kind, subject = check.kind, check.subject
+    if kind == "file":
+        return os.path.getsize(subject) if check.expected else int(os.path.exists(subject)) - 1
+    if kind == "fs_blocks":
+        header = run(["dumpe2fs", "-h", subject], timeout=extfs.TIMEOUT).stdout
+        match = re.search(r"^Block count:\s*(\d+)", header, re.MULTILINE)
+        return int(match.group(1)) if match else -1
+    if kind == "lv_size":
+        devices = [] if where.host_lv and subject == "/".join(where.host_lv) else [where.mapping]
+        args = [a for d in devices for a in ("--devices", d)]
+        rows = lvm.report("lvs", ["lv_size"], [*args, subject])
+        return int(rows[0]["lv_size"]) if rows else -1
+    if kind == "pv_extents":
+        rows = lvm.report("pvs", ["pv_pe_count"], ["--devices", subject, subject])
+        return int(rows[0]["pv_pe_count"]) if rows else -1
+    if kind == "segment":
+        lv, le_start, count = check.args[0], int(check.args[1]), int(check.args[2])
+        layout = lvm.vg_layout(where.vg, [where.mapping])
+        for i in range(count):
+            pe = check.expected + i
+            seg = next((s for s in layout.segments if s.pe_start <= pe < s.pe_end), None)
+            if seg is None or seg.lv != lv or seg.le_start + pe - seg.pe_start != le_start + i:
+                return -1
+        return check.expected
+    if kind == "mapping_size":
+        return blockdev.describe(f"/dev/mapper/{subject}").size // SECTOR
+    if kind == "partition_size":
+        part = blockdev.partition(subject)
+        return part.size if part else -1
+    if kind == "kernel_size":
+        return blockdev.describe(subject).size
+    raise ValueError(f"unknown check {kind}")
+
+
+# --- carrying a plan out -------------------------------------------------------------------------
+
+
+class StepFailed(LuksvmError):
+    """A step failed or its check found something else than planned; later steps did not run."""
+
+
+def execute(
+    plan_: Plan,
+    where: Where,
+    *,
+    key: bytes | None = None,
+    journal_path: str | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> None:
+    """Run the plan's steps in order. A step whose check already holds is skipped (resume);
+    after every step its check must hold, or the run stops there."""
+    for step in plan_.steps:
+        before = None if step.check.kind == "fsck" else measure(step.check, where)
+        if not step.always and before == step.check.expected:
+            _record(journal_path, step, "already done", before, before)
+            progress(f"{step.number:>2}. {step.title}: already done ({step.check.text})")
+            continue
+        progress(f"{step.number:>2}. {step.title}\n      $ {command_line(step)}")
+        if step.needs_key and key is None:
+            raise StepFailed(f"step {step.number} needs the LUKS key, and none was given")
+        stdin = key if step.needs_key else (step.stdin.encode() if step.stdin else None)
+        result = run(
+            step.argv, timeout=step.timeout, stdin=stdin, secret=step.needs_key, check=False
+        )
+        if step.check.kind == "fsck":
+            after = result.returncode
+        elif result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            _record(journal_path, step, f"failed: exit {result.returncode}", before, None)
+            raise StepFailed(
+                f"step {step.number} ({step.title}) failed with exit status "
+                f"{result.returncode}: {tail}\nnothing after it ran; fix the cause and run "
+                "`luksvm shrink run` again with the same arguments to resume"
+            )
+        else:
+            after = measure(step.check, where)
+        _record(journal_path, step, "done" if after == step.check.expected else "MISMATCH",
+                before, after)  # fmt: skip
+        if after != step.check.expected:
+            what = (
+                f"e2fsck exited {after} (1: it corrected errors; 4 and up: errors left)"
+                if step.check.kind == "fsck"
+                else f"expected {step.check.expected:,}, found {after:,}"
+            )
+            raise StepFailed(
+                f"step {step.number} ({step.title}): check failed: {step.check.text}: {what}; "
+                "stopped before the next step. Look at the devices, then run `luksvm shrink "
+                "plan` again: it plans from the state they are in now"
+            )
+        progress(f"      ok: {step.check.text}")
+
+
+def _record(
+    path: str | None, step: Step, outcome: str, before: int | None, after: int | None
+) -> None:
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "step": step.number,
+        "title": step.title,
+        "command": shlex.join(step.argv),
+        "check": step.check.text,
+        "expected": step.check.expected,
+        "before": before,
+        "after": after,
+        "outcome": outcome,
+    }
+    log.info("shrink step %d %s: %s (before %s, after %s)", step.number, step.title, outcome,
+             before, after)  # fmt: skip
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+# --- the commands: find the layers, open what is closed, close it again --------------------------
+
+
+def check_size_syntax(text: str) -> None:
+    """Refuse an ambiguous or unit-less --to before anything is opened (extents come later)."""
+    if not text.strip().endswith("e"):
+        sizes.parse_size(text)
+
+
+def split_lv(text: str) -> tuple[str, str]:
+    vg, _, lv = text.partition("/")
+    if not vg or not lv or "/" in lv:
+        raise UsageError(f"--lv {text}: expected VG/LV, e.g. vgmail/root")
+    return vg, lv
+
+
+def _configured_volume(root: str, container: str, mapping_name: str) -> config.Volume | None:
+    try:
+        cfg = config.load(root)
+    except config.ConfigError as error:
+        log.warning("configuration not usable, not looking for the volume in it: %s", error)
+        return None
+    real = os.path.realpath(container)
+    for volume in cfg.volumes:
+        if volume.name == mapping_name or os.path.realpath(volume.device) == real:
+            return volume
+    return None
+
+
+def read_key(volume: config.Volume | None, container: str) -> bytes:
+    """The key for `container`: the configured volume's keyfile or keyring entry, else a prompt."""
+    if volume is not None and volume.key.kind == "file":
+        with open(volume.key.path, "rb") as f:
+            key = f.read()
+    elif volume is not None and volume.key.kind == "keyring":
+        import keyring
+
+        secret = keyring.get_password(volume.key.service, volume.key.user)
+        if secret is None:
+            raise LuksvmError(f"keyring has no secret for {volume.key} (volume {volume.name})")
+        key = secret.encode()
+    else:
+        if not sys.stdin.isatty():
+            raise LuksvmError(
+                f"{container} needs its passphrase and there is no terminal to ask on; "
+                "run luksvm in a terminal (ssh -t)"
+            )
+        key = getpass.getpass(f"Enter passphrase for {container}: ").encode()
+    if not cryptsetup.test_passphrase(container, key):
+        raise LuksvmError(f"the key for {container} opens none of its keyslots")
+    return key
+
+
+@contextlib.contextmanager
+def session(
+    vg_lv: str, device: str | None, *, root: str = "/", need_key: bool = False
+) -> Iterator[tuple[Where, bytes | None]]:
+    """Find every layer of VG/LV; open the LUKS container and activate the VG (on that device
+    alone) if they are not; yield; then close and deactivate exactly what was opened here."""
+    vg, lv = split_lv(vg_lv)
+    container, mapping_name = _find_container(vg, device)
+    volume = _configured_volume(root, container, mapping_name)
+    opened = activated = False
+    key: bytes | None = None
+    was_active: list[str] = []
+    try:
+        luks = cryptsetup.read_header(container)
+        if not mapping_name or (need_key and luks.version == 2):
+            key = read_key(volume, container)
+        if not mapping_name:
+            mapping_name = volume.name if volume else f"luksvm-shrink-{os.path.basename(container)}"
+            log.info("opening %s as %s", container, mapping_name)
+            cryptsetup.open_with_key(container, mapping_name, key or b"")
+            opened = True
+            blockdev.settle()
+        mapping = f"/dev/mapper/{mapping_name}"
+        if not opened:
+            _refuse_if_held(mapping_name, mapping, volume)
+        layout = lvm.vg_layout(vg, [mapping])
+        target = layout.lv(lv)
+        if target is None:
+            raise PlanRefused(f"LV {vg}/{lv} not found on {mapping}")
+        was_active = [x.name for x in layout.lvs if x.active]
+        if not target.active:
+            run(["vgchange", "--devices", mapping, "-ay", vg], timeout=lvm.TIMEOUT)
+            activated = True
+            blockdev.settle()
+        where = Where(
+            vg=vg,
+            lv=lv,
+            container=container,
+            mapping=mapping,
+            mapping_name=mapping_name,
+            lv_path=target.dm_path,
+            host_lv=host_lv_of(container),
+        )
+        yield where, key
+    finally:
+        if activated:
+            _deactivate(vg, f"/dev/mapper/{mapping_name}", was_active)
+        if opened:
+            blockdev.settle()
+            log.info("closing %s again", mapping_name)
+            cryptsetup.close_mapping(mapping_name)
+
+
+def _find_container(vg: str, device: str | None) -> tuple[str, str]:
+    """(LUKS container, name of its open mapping or "")."""
+    if device is None:
+        pvs = [pv.name for pv in lvm.physical_volumes() if pv.vg_name == vg]
+        if not pvs:
+            raise LuksvmError(
+                f"VG {vg} is not visible to the host's LVM; name its LUKS container with "
+                "--device (a guest's VG inside a host LV is found that way)"
+            )
+        if len(pvs) > 1:
+            raise PlanRefused(f"VG {vg} has {len(pvs)} PVs ({', '.join(pvs)}); luksvm shrinks "
+                              "a VG on one LUKS container only")  # fmt: skip
+        device = pvs[0]
+    found = blockdev.describe(device)
+    if found.is_crypt:
+        if len(found.slaves) != 1:
+            raise LuksvmError(f"{device}: a LUKS mapping on {len(found.slaves)} devices")
+        return blockdev.dev_path(found.slaves[0]), found.dm_name
+    if not cryptsetup.is_luks(device):
+        raise LuksvmError(f"{device} is neither a LUKS container nor an open LUKS mapping")
+    return device, blockdev.crypt_mapping_on(device)
+
+
+def _refuse_if_held(name: str, mapping: str, volume: config.Volume | None) -> None:
+    """An open mapping held by more than the LVs stacked on it is in use by a process: a guest."""
+    holders = len(blockdev.describe(mapping).holders)
+    if blockdev.open_count(name) > holders:
+        guests = (
+            f" (guests using it: {', '.join(volume.guests)})" if volume and volume.guests else ""
+        )
+        raise PlanRefused(
+            f"{mapping} is held open by a process{guests}; shut the guest off first "
+            "(virsh shutdown GUEST) and run again"
+        )
+
+
+def _deactivate(vg: str, mapping: str, was_active: Sequence[str]) -> None:
+    if not was_active:
+        run(["vgchange", "--devices", mapping, "-an", vg], timeout=lvm.TIMEOUT)
+        return
+    for lv in lvm.vg_layout(vg, [mapping]).lvs:
+        if lv.active and lv.name not in was_active:
+            run(["lvchange", "--devices", mapping, "-an", f"{vg}/{lv.name}"], timeout=lvm.TIMEOUT)
+
+
+def default_backup_dir(vg: str, lv: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"/var/lib/luksvm/shrink/{vg}-{lv}-{stamp}"
+
+
+def plan_for(where: Where, to: str, *, margin_percent: int, backup_dir: str) -> tuple[Layout, Plan]:
+    layout = read_layout(where)
+    target = parse_target(to, layout.vg.extent_size)
+    return layout, plan(layout, target, margin_percent=margin_percent, backup_dir=backup_dir)
+
+
+def run_plan(
+    where: Where,
+    plan_: Plan,
+    key: bytes | None,
+    backup_dir: str,
+    progress: Callable[[str], None],
+) -> None:
+    """Carry the plan out, keeping the plan and a log of every step in backup_dir."""
+    os.makedirs(backup_dir, mode=0o700, exist_ok=True)
+    with open(f"{backup_dir}/plan.json", "w", encoding="utf-8") as f:
+        json.dump(describe(plan_), f, indent=2)
+    progress(f"backups, plan and step log: {backup_dir} (copy it off a rescue system)")
+    execute(plan_, where, key=key, journal_path=f"{backup_dir}/steps.jsonl", progress=progress)

@@ -101,17 +101,21 @@ class Partition:
         return self.size * self.sector_size
 
 
-def partition(path: str) -> Partition | None:
-    """The partition at `path`, read from the disk's table (None if `path` is no partition)."""
+def partition_of(path: str) -> tuple[str, int] | None:
+    """(disk, partition number) when the kernel sees `path` as a partition, else None."""
     device = describe(path)
     sys_dir = f"{SYSFS}/{device.kernel_name}"
     number = _read(f"{sys_dir}/partition")
     if not number:
         return None
     disk_name = os.path.basename(os.path.dirname(os.path.realpath(sys_dir)))
-    disk = f"/dev/{disk_name}"
+    return f"/dev/{disk_name}", int(number)
+
+
+def read_partition(path: str, disk: str, number: int) -> Partition:
+    """Partition `number` of `disk` (a device or an image file) as its table says."""
     table = json.loads(run(["sfdisk", "--json", disk], timeout=TIMEOUT).stdout)
-    return parse_partition(path, disk, int(number), table)
+    return parse_partition(path, disk, number, table)
 
 
 def parse_partition(path: str, disk: str, number: int, table: dict[str, object]) -> Partition:

@@ -163,7 +163,8 @@ class Plan:
 
     @property
     def nothing_to_do(self) -> bool:
-        return not any(not step.always for step in self.steps)
+        """Only backups and checks left: every layer already has its planned size."""
+        return all(step.check.kind in {"file", "fsck"} for step in self.steps)
 
 
 class PlanRefused(LuksvmError):
@@ -333,9 +334,21 @@ def plan(
     crypt_min = sizes.round_up(pv_min, luks.sector_size)
     container_min = luks.data_offset + crypt_min
     container_size, partition_end = _container_target(layout, container_min)
-    shrink_container = container_size < layout.container_size
+    if luks.data_offset + layout.mapping_size > layout.container_size:
+        raise PlanRefused(
+            f"the LUKS mapping {layout.mapping_name} ({layout.mapping_size:,} B from offset "
+            f"{luks.data_offset:,} B) reaches beyond its container {luks.device} "
+            f"({layout.container_size:,} B): the container was shrunk before the mapping. Grow "
+            "the container back to its old size (the LUKS header and LVM metadata backups "
+            "name it) before anything else"
+        )
     crypt_final = sizes.round_down(container_size - luks.data_offset, luks.sector_size)
     pv_final = (crypt_final - pv.pe_start - layout.end_mda) // ext
+    shrink_container = container_size < layout.container_size
+    # An interrupted run may have left the container shrunk and the mapping or PV not grown back.
+    lower_changes = (
+        shrink_container or layout.mapping_size != crypt_final or pv.size // ext != pv_final
+    )
     moves = pack_moves(after, allocated) if shrink_container else []
     targets = Targets(
         lv_size=target,
@@ -352,7 +365,14 @@ def plan(
         pv_final_extents=pv_final,
         freed=layout.container_size - container_size,
     )
-    steps = _steps(layout, targets, moves, backup_dir, shrink_container)
+    steps = _steps(
+        layout,
+        targets,
+        moves,
+        backup_dir=backup_dir,
+        shrink_container=shrink_container,
+        lower_changes=lower_changes,
+    )
     return Plan(
         vg=vg.name,
         lv=lv.name,
@@ -377,7 +397,13 @@ def _sectors(count: int) -> str:
 
 
 def _steps(
-    layout: Layout, t: Targets, moves: Sequence[Move], backup_dir: str, shrink_container: bool
+    layout: Layout,
+    t: Targets,
+    moves: Sequence[Move],
+    *,
+    backup_dir: str,
+    shrink_container: bool,
+    lower_changes: bool,
 ) -> list[Step]:
     vg, fs, luks, pv = layout.vg, layout.filesystem, layout.luks, layout.vg.pvs[0]
     ext = vg.extent_size
@@ -404,7 +430,6 @@ def _steps(
         ["cryptsetup", "luksHeaderBackup", luks.device, "--header-backup-file", header_file],
         Check("file", header_file, luks.data_offset, f"{header_file} holds {luks.data_offset:,} B"),
         [f"header: {human(luks.data_offset)}"],
-        always=True,
         timeout=120,
     )
     vg_file = f"{backup_dir}/{vg.name}.vg"
@@ -412,7 +437,6 @@ def _steps(
         f"back up the LVM metadata of VG {vg.name}",
         ["vgcfgbackup", *on_pv, "-f", vg_file, vg.name],
         Check("file", vg_file, 0, f"{vg_file} exists"),
-        always=True,
         timeout=120,
     )
     host = layout.container if isinstance(layout.container, HostLv) else None
@@ -422,7 +446,6 @@ def _steps(
             f"back up the LVM metadata of host VG {host.vg}",
             ["vgcfgbackup", "-f", host_file, host.vg],
             Check("file", host_file, 0, f"{host_file} exists"),
-            always=True,
             timeout=120,
         )
 
@@ -481,8 +504,8 @@ def _steps(
             ),
             [f"{_extents(move.count, ext)}: PE {move.source:,} → PE {move.target:,}"],
         )
+    pe_now = pv.size // ext
     if shrink_container:
-        pe_now = pv.size // ext
         if pe_now != t.allocated_extents:
             add(
                 f"shrink PV {layout.pv_device} to {t.allocated_extents:,} extents",
@@ -531,6 +554,7 @@ def _steps(
             needs_key=luks.version == 2,
         )
         _add_container_steps(layout, t, add)
+    if lower_changes:
         add(
             f"grow the LUKS mapping {layout.mapping_name} to fill its container",
             [
@@ -837,6 +861,7 @@ class Where:
     mapping_name: str  # as `cryptsetup resize` takes it
     lv_path: str  # the block device of the LV's filesystem
     host_lv: tuple[str, str] | None = None  # (VG, LV) when the container is a host LV
+    partition: tuple[str, int] | None = None  # (disk, number) when it is a partition
 
 
 def read_host_lv(path: str, vg: str, lv: str) -> HostLv:
@@ -863,14 +888,13 @@ def read_layout(where: Where) -> Layout:
     luks = cryptsetup.read_header(where.container)
     if where.host_lv is not None:
         container: Container = read_host_lv(where.container, *where.host_lv)
+    elif where.partition is not None:
+        container = blockdev.read_partition(where.container, *where.partition)
     else:
-        part = blockdev.partition(where.container)
-        if part is None:
-            raise PlanRefused(
-                f"{where.container} is neither a partition nor an LV of the host; luksvm "
-                "shrinks LUKS on a partition or on a host LV"
-            )
-        container = part
+        raise PlanRefused(
+            f"{where.container} is neither a partition nor an LV of the host; luksvm "
+            "shrinks LUKS on a partition or on a host LV"
+        )
     end_mda = lvm.end_metadata_area_size(where.mapping) if max(vg.mda_counts) > 1 else 0
     return Layout(
         vg=vg,
@@ -895,7 +919,9 @@ def measure(check: Check, where: Where) -> int:
     """The value on the devices that `check.expected` is compared with."""
     kind, subject = check.kind, check.subject
     if kind == "file":
-        return os.path.getsize(subject) if check.expected else int(os.path.exists(subject)) - 1
+        if not os.path.exists(subject):
+            return -1
+        return os.path.getsize(subject) if check.expected else 0
     if kind == "fs_blocks":
         header = run(["dumpe2fs", "-h", subject], timeout=extfs.TIMEOUT).stdout
         match = re.search(r"^Block count:\s*(\d+)", header, re.MULTILINE)
@@ -920,8 +946,9 @@ def measure(check: Check, where: Where) -> int:
     if kind == "mapping_size":
         return blockdev.describe(f"/dev/mapper/{subject}").size // SECTOR
     if kind == "partition_size":
-        part = blockdev.partition(subject)
-        return part.size if part else -1
+        if where.partition is None:
+            return -1
+        return blockdev.read_partition(subject, *where.partition).size
     if kind == "kernel_size":
         return blockdev.describe(subject).size
     raise ValueError(f"unknown check {kind}")
@@ -1101,6 +1128,7 @@ def session(
             mapping_name=mapping_name,
             lv_path=target.dm_path,
             host_lv=host_lv_of(container),
+            partition=blockdev.partition_of(container),
         )
         yield where, key
     finally:

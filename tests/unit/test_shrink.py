@@ -413,7 +413,7 @@ def simulate(layout: Layout, p: shrink.Plan) -> dict[int, tuple[str, int]]:
     return owner
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(layouts())
 def test_plans_keep_every_extent_below_the_new_end_and_sizes_exact(
     case: tuple[Layout, int],
@@ -470,3 +470,24 @@ def test_plans_keep_every_extent_below_the_new_end_and_sizes_exact(
     assert shrink.parse_target(f"{t.lv_extents}e", ext) == t.lv_size
     assert shrink.parse_target(f"{t.lv_size}B", ext) == t.lv_size
     assert shrink.parse_target(f"{t.lv_size // 512}s", ext) == t.lv_size
+
+
+# --- the command line: usage errors come before any device is touched -----------------------------
+
+
+def test_bare_g_is_a_usage_error_naming_gib_and_gb(capsys: pytest.CaptureFixture[str]) -> None:
+    from luksvm.cli import main
+
+    assert main(["shrink", "plan", "--lv", "vgseed/lvroot", "--to", "60G"]) == 64
+    err = capsys.readouterr().err
+    assert "64,424,509,440 bytes" in err and "60,000,000,000 bytes" in err
+    assert "write 60GiB or 60GB" in err
+
+
+def test_run_without_the_backup_confirmation_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from luksvm.cli import main
+
+    assert main(["shrink", "run", "--lv", "vgseed/lvroot", "--to", "60GiB"]) == 64
+    assert "--yes-i-have-a-backup" in capsys.readouterr().err

@@ -214,11 +214,13 @@ class Host:
             vgs = lvm.vgs_on(self.mapping_path(volume))
             if not vgs:
                 return [], []
-            active = [
-                f"{lv.vg_name}/{lv.name}"
-                for lv in lvm.logical_volumes([self.mapping_path(volume)])
-                if lv.active and lv.vg_name in vgs
-            ]
+            active: list[str] = []
+            for vg in vgs:
+                try:
+                    layout = lvm.vg_layout(vg, [self.mapping_path(volume)])
+                except LuksvmError:
+                    continue  # e.g. a VG spanning mappings not all open: activity unknown
+                active += [f"{vg}/{lv.name}" for lv in layout.lvs if lv.active]
             return vgs, active
 
         return self._once.get(("guest-lvm", volume.name), probe)

@@ -85,23 +85,57 @@ class Commands:
             lvm_report("pv", rows),
         )
 
-    def lvs(self, rows: list[dict[str, str]], devices: Sequence[str] = ()) -> None:
-        args: list[str] = []
-        for device in devices:
-            args += ["--devices", device]
+    def vg_layout(self, vg: str, device: str, lvs: dict[str, bool]) -> None:
+        """`vg` with one PV, `device`, holding the LVs named in `lvs` ({name: active})."""
+        extent = 4 * 1024 * 1024
+        segments = [
+            {
+                "pv_name": device,
+                "vg_name": vg,
+                "vg_extent_size": str(extent),
+                "dev_size": str(64 * 1024 * 1024),
+                "pe_start": "1048576",
+                "pv_pe_count": "15",
+                "pv_mda_count": "1",
+                "pvseg_start": str(n),
+                "pvseg_size": "1",
+                "lv_name": name,
+                "seg_start_pe": "0",
+            }
+            for n, name in enumerate(lvs)
+        ]
+        lv_rows = [
+            {
+                "vg_name": vg,
+                "lv_name": name,
+                "lv_attr": "-wi-a-----" if active else "-wi-------",
+                "lv_size": str(extent),
+                "segtype": "linear",
+                "lv_layout": "linear",
+                "origin": "",
+                "pool_lv": "",
+                "lv_active": "active" if active else "",
+                "lv_dm_path": f"/dev/mapper/{vg}-{name}",
+            }
+            for name, active in lvs.items()
+        ]
+        common = ["--reportformat", "json", "--units", "b", "--nosuffix", "-o"]
         self.set(
             [
-                "lvs",
-                "--reportformat",
-                "json",
-                "--units",
-                "b",
-                "--nosuffix",
-                "-o",
-                "vg_name,lv_name,lv_active",
-                *args,
+                "pvs",
+                *common,
+                ",".join(lvm.PV_SEGMENT_FIELDS),
+                "--devices",
+                device,
+                "--segments",
+                "--select",
+                f"vg_name={vg}",
             ],
-            lvm_report("lv", rows),
+            lvm_report("pv", segments),
+        )
+        self.set(
+            ["lvs", *common, ",".join(lvm.LV_FIELDS), "--devices", device, "-a", "--segments", vg],
+            lvm_report("lv", lv_rows),
         )
 
     def unit_files(self, root: str, text: str) -> None:

@@ -292,13 +292,7 @@ def test_reject_before_catch_all_still_leaks_through_dm_n_and_fix_has_no_catch_a
     root = leak_root(tmp_path, commands)
     commands.lvm(full="lvmconfig-full-reject-then-catch-all.txt")
     commands.pvs([pv_row("/dev/mapper/cr_imap_encr", "vgmail")], ["/dev/mapper/cr_imap_encr"])
-    commands.lvs(
-        [
-            {"vg_name": "vgmail", "lv_name": "root", "lv_active": "active"},
-            {"vg_name": "vgmail", "lv_name": "swap", "lv_active": ""},
-        ],
-        ["/dev/mapper/cr_imap_encr"],
-    )
+    commands.vg_layout("vgmail", "/dev/mapper/cr_imap_encr", {"root": True, "swap": False})
     host = FakeHost(str(root), open_names={"cr_imap_encr": OPEN_NAMES})
     (finding,) = run_check(host, "guest-vg-leak")
     assert finding.status == FAIL
@@ -362,7 +356,7 @@ def test_with_a_devices_file_only_a_listed_mapping_leaks(
             "DEVNAME=/dev/dm-3 PVID=def\n"
         )
     commands.pvs([pv_row("/dev/mapper/cr_imap_encr", "vgmail")], ["/dev/mapper/cr_imap_encr"])
-    commands.lvs([], ["/dev/mapper/cr_imap_encr"])
+    commands.vg_layout("vgmail", "/dev/mapper/cr_imap_encr", {})
     host = FakeHost(str(root), open_names={"cr_imap_encr": OPEN_NAMES})
     (finding,) = run_check(host, "guest-vg-leak")
     assert finding.status == FAIL
@@ -394,7 +388,7 @@ def test_lvmetad_with_only_devices_filter_still_autoactivates(
         '{"unit_file":"lvm2-lvmetad.service","state":"static","preset":"enabled"}]',
     )
     commands.pvs([pv_row("/dev/mapper/cr_imap_encr", "vgmail")], ["/dev/mapper/cr_imap_encr"])
-    commands.lvs([], ["/dev/mapper/cr_imap_encr"])
+    commands.vg_layout("vgmail", "/dev/mapper/cr_imap_encr", {})
     host = FakeHost(str(root), open_names={"cr_imap_encr": OPEN_NAMES})
     findings = doctor.run_checks(host, doctor.select(["guest-vg-leak", "lvmetad"]))
     leak = next(f for f in findings if f.check == "guest-vg-leak")

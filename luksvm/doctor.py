@@ -1118,6 +1118,25 @@ def _keyfile_at_rest(host: Host, volume: Volume, path: str) -> Finding:
     )
 
 
+@check("discard", "discards reach the disks: host filesystems by fstrim.timer")
+def discard(host: Host) -> Iterator[Finding]:
+    state = host.unit_files().get("fstrim.timer", "not installed")
+    fix = "systemctl enable --now fstrim.timer"
+    why = "the host's filesystems are not trimmed: SSDs slow down and thin pools do not shrink"
+    if state not in ("enabled", "enabled-runtime", "static", "indirect", "generated", "alias"):
+        yield Finding.warn("fstrim.timer", f"fstrim.timer is {state}: {why}", fix=fix)
+    elif host.systemd_running:
+        active = host.unit_properties(["fstrim.timer"], ("ActiveState",))
+        if active.get("fstrim.timer", {}).get("ActiveState") != "active":
+            yield Finding.warn(
+                "fstrim.timer", f"fstrim.timer is enabled but not active: {why}", fix=fix
+            )
+        else:
+            yield Finding.ok("fstrim.timer", "enabled and active (host filesystems weekly)")
+    else:
+        yield Finding.ok("fstrim.timer", "enabled (host filesystems weekly)")
+
+
 @check("swap", "host swap is encrypted (guest memory can be paged out to it)")
 def swap(host: Host) -> Iterator[Finding]:
     if not host.live:

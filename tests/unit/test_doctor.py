@@ -648,3 +648,15 @@ def test_ordering_is_read_from_systemd_for_the_daemon_in_use(
 def test_ordering_needs_a_running_systemd(tmp_path: Path) -> None:
     (finding,) = run_check(Host(str(seed(tmp_path, "cr_a /dev/a - luks\n"))), "ordering")
     assert finding.status == SKIP
+
+
+def test_fstrim_timer_disabled_warns(tmp_path: Path, commands: Commands) -> None:
+    commands.unit_files(
+        str(tmp_path), '[{"unit_file":"fstrim.timer","state":"disabled","preset":"enabled"}]'
+    )
+    (finding,) = run_check(Host(str(tmp_path)), "discard")
+    assert (finding.subject, finding.status) == ("fstrim.timer", WARN)
+    assert finding.fix == "systemctl enable --now fstrim.timer"
+    commands.unit_files(str(tmp_path), fixture("list-unit-files-debian12.json"))
+    (finding,) = run_check(Host(str(tmp_path)), "discard")
+    assert finding.status == OK

@@ -205,16 +205,25 @@ def synopsis(command: Command) -> str:
     return " ".join(parts)
 
 
+# What a positional argument without help text is, by its completion kind.
+KIND_HELP = {
+    "volume": "a volume: its mapping name in /etc/luksvm/crypttab.d",
+    "guest": "a guest: a libvirt domain named by x-luksvm.guest= of a volume",
+}
+
+
 def _argument_list(arguments: Sequence[Argument]) -> list[str]:
     lines: list[str] = []
     for argument in arguments:
         if argument.positional:
-            head = _italic(argument.metavar)
-        else:
-            head = ", ".join(_bold(flag) for flag in argument.flags)
-            if argument.metavar:
-                head += " " + _italic(argument.metavar)
-        lines += [".TP", head, roff(argument.help or "(undocumented)")]
+            text = argument.help or KIND_HELP.get(completion_kind(argument), "")
+            if text:  # else the synopsis shows it and there is nothing more to say
+                lines += [".TP", _italic(argument.metavar), roff(text)]
+            continue
+        head = ", ".join(_bold(flag) for flag in argument.flags)
+        if argument.metavar:
+            head += " " + _italic(argument.metavar)
+        lines += [".TP", head, roff(argument.help or "(no description)")]
     return lines
 
 
@@ -309,9 +318,9 @@ def _command_entry(command: Command, prose: Prose) -> list[str]:
     if command.description and command.description != command.help:
         lines += [".PP", roff(command.description)]
     lines += [".PP", *prose.lines]
-    options = [a for a in command.arguments]
-    if options:
-        lines += [".PP", ".RS 4", *_argument_list(options), ".RE"]
+    described = _argument_list(command.arguments)
+    if described:
+        lines += [".PP", ".RS 4", *described, ".RE"]
     return [line for line in lines if line != ""]
 
 

@@ -216,6 +216,18 @@ def test_installs_into_a_scratch_root_and_runs_from_its_files(
     )
     assert checked.returncode == 0, checked.stderr
     assert '"volumes": []' in checked.stdout  # the installed example configures nothing
+    # The example, switched on, is a valid configuration, and apply finds the packaged templates.
+    crypttab = scratch_root / "etc/luksvm/crypttab.d"
+    (crypttab / "10-guests.conf").write_text((crypttab / "00-example.conf.example").read_text())
+    applied = subprocess.run(
+        [str(launcher), "--root", str(scratch_root), "apply", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "-> /usr/lib/systemd/system/luksvm-unlock@.service" in applied.stdout
     assert not list(scratch_root.rglob("__pycache__"))  # running wrote no bytecode
     assert (scratch_root / "etc/luksvm/keys").stat().st_mode & 0o777 == 0o700
 

@@ -77,14 +77,20 @@ def test_an_entry_without_text_fails() -> None:
 
 
 def test_pending_entries_appear_once_their_command_exists() -> None:
-    manual = gendocs.manual_luksvm(toy_parser("apply"))
-    section = manual.split('.SS "apply"', 1)[1].split(".SS", 1)[0]
-    assert "Writes the systemd units" in section
-    assert "\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR" in section
-    assert (
-        "\\fBluksvm apply\\fR [\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR] [\\fIVOLUME\\fR\\&...]"
-        in (section)
+    template = (
+        (REPO / "docs/luksvm.8.in")
+        .read_text()
+        .replace(".SH COMMANDS\n", '.SH COMMANDS\n.\\" @pending-command toy\nToy prose.\n')
     )
+    assert "Toy prose." not in gendocs.manual_luksvm(template=template)
+    manual = gendocs.manual_luksvm(toy_parser("toy"), template=template)
+    section = manual.split('.SS "toy"', 1)[1].split(".SS", 1)[0]
+    assert "Toy prose." in section
+    assert "\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR" in section
+    synopsis = (
+        "\\fBluksvm toy\\fR [\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR] [\\fIVOLUME\\fR\\&...]"
+    )
+    assert synopsis in section
 
 
 def test_exit_codes_are_the_ones_errors_defines() -> None:
@@ -161,10 +167,10 @@ def test_completion_table_has_every_command_and_option() -> None:
 
 
 def test_completion_kinds_follow_metavars() -> None:
-    commands = {c.name: c for c in gendocs.walk(toy_parser("apply"))}
+    commands = {c.name: c for c in gendocs.walk(toy_parser("toy"))}
     volume, policy = (
-        next(a for a in commands["apply"].arguments if a.positional),
-        next(a for a in commands["apply"].arguments if a.flags == ("--policy",)),
+        next(a for a in commands["toy"].arguments if a.positional),
+        next(a for a in commands["toy"].arguments if a.flags == ("--policy",)),
     )
     assert gendocs.completion_kind(volume) == "volume"
     assert gendocs.completion_kind(policy) == "words:destroy fail"

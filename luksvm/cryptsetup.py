@@ -39,7 +39,8 @@ class LuksHeader:
 
     @property
     def header_size(self) -> int:
-        """Bytes `luksHeaderBackup` saves: everything before the payload."""
+        """Bytes before the payload: everything a header backup can hold (the backup itself may be
+        shorter: see header_backup)."""
         return self.data_offset
 
 
@@ -160,8 +161,18 @@ def test_passphrase(device: str, key: bytes) -> bool:
 
 
 def header_backup(device: str, path: str) -> None:
-    """Write the header of `device` to `path` (which must not exist yet)."""
+    """Write the header of `device` to `path` (which must not exist yet: cryptsetup creates it,
+    mode 0400). LUKS1 saves up to the end of its last keyslot area (about 1 MiB with 256-bit keys,
+    2 MiB with 512-bit keys); LUKS2 its two metadata copies and keyslot area (16 MiB by default)."""
     run(
         ["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", path],
+        timeout=TIMEOUT,
+    )
+
+
+def header_restore(device: str, path: str) -> None:
+    """Write the header backup `path` onto `device` (batch mode: the caller has confirmed)."""
+    run(
+        ["cryptsetup", "luksHeaderRestore", "--batch-mode", device, "--header-backup-file", path],
         timeout=TIMEOUT,
     )

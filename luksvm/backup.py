@@ -197,10 +197,12 @@ def directory_on_volumes(
     *,
     sys_dir: str = blockdev.SYS_DIR,
     mountinfo: str = blockdev.MOUNTINFO,
+    number: str | None = None,
 ) -> str | None:
     """Why `directory` must not hold the backups (its filesystem lies on one of `volumes`), or
-    None. A volume counts when its mapping or its encrypted source device is in the stack."""
-    number = blockdev.filesystem_device(directory, mountinfo)
+    None. A volume counts when its mapping or its encrypted source device is in the stack.
+    `number`: the filesystem's device number, when the caller knows it."""
+    number = number or blockdev.filesystem_device(directory, mountinfo)
     if number is None:
         return None
     devices = blockdev.stack(number, sys_dir)

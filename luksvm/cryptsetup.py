@@ -44,6 +44,26 @@ class LuksHeader:
         return self.data_offset
 
 
+LUKS_MAGIC = b"LUKS\xba\xbe"
+METADATA_PROBE = 4096  # bytes metadata_size() needs to see
+
+
+def metadata_size(first: bytes) -> int:
+    """How many bytes at the start of a LUKS device hold its metadata, from its first 4 KiB: LUKS1's
+    header before the first keyslot (4096), LUKS2's two binary headers with their JSON areas
+    (2 × hdr_size, 32 KiB by default). Every change cryptsetup makes to the keyslots rewrites
+    these bytes (new salts; LUKS2 also bumps its sequence number). 0 when it is not LUKS."""
+    if first[:6] != LUKS_MAGIC or len(first) < 16:
+        return 0
+    version = int.from_bytes(first[6:8], "big")
+    if version == 1:
+        return 4096
+    hdr_size = int.from_bytes(first[8:16], "big")
+    if version == 2 and 16384 <= hdr_size <= 4 << 20 and hdr_size % 4096 == 0:
+        return 2 * hdr_size
+    return 0
+
+
 def is_luks(device: str) -> bool:
     return run(["cryptsetup", "isLuks", device], timeout=TIMEOUT, check=False).returncode == 0
 

@@ -41,8 +41,13 @@ def add_key(image: Path, tmp_path: Path, new: bytes = b"second") -> None:
     old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
     old_key.write_bytes(KEY)
     new_key.write_bytes(new)
+    kdf = (
+        ["--pbkdf-force-iterations", "1000"]
+        if cryptsetup.read_header(str(image)).version == 1
+        else FAST_KDF
+    )
     sh(
-        "cryptsetup", "luksAddKey", "-q", *FAST_KDF, "--key-file", str(old_key), str(image),
+        "cryptsetup", "luksAddKey", "-q", *kdf, "--key-file", str(old_key), str(image),
         str(new_key),
     )  # fmt: skip
 
@@ -85,10 +90,11 @@ def test_backup_is_what_luksheaderbackup_writes_and_verifies(
     assert "--prune-before" in report["warning"]
 
 
+@pytest.mark.parametrize("version", [1, 2])
 def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], version: int
 ) -> None:
-    image = make_luks(tmp_path / "disk.img", KEY)
+    image = make_luks(tmp_path / "disk.img", KEY, version=version)
     directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
     assert main(["--root", str(tmp_path), "header-backup"]) == 0
     (first,) = backups_of(directory)
@@ -109,6 +115,17 @@ def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
     assert older == first and digest(first) == first_bytes
     assert entry["file"] == str(newer)
     assert [k.number for k in cryptsetup.read_header(str(newer)).keyslots] == [0, 1]
+
+    # a changed passphrase rewrites the keyslot: a third backup
+    old_key, new_key = tmp_path / "old.key", tmp_path / "changed.key"
+    new_key.write_bytes(b"changed")
+    kdf = FAST_KDF if version == 2 else ["--pbkdf-force-iterations", "1000"]
+    sh(
+        "cryptsetup", "luksChangeKey", "-q", *kdf, "--key-file", str(old_key), str(image),
+        str(new_key),
+    )  # fmt: skip
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert len(backups_of(directory)) == 3
 
 
 def test_rotation_keeps_the_newest_and_prune_purges_old_passphrases(

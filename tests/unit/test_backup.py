@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import backup
+from luksvm import backup, cryptsetup
 from luksvm.config import Key, Location, Volume
 from luksvm.cryptsetup import Keyslot, LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -139,3 +139,12 @@ def test_confirmation_wants_the_mapping_name_exactly() -> None:
 
     with pytest.raises(LuksvmError, match="nothing changed"):
         backup.confirm("cr_web", "/dev/x", ask=closed)
+
+
+def test_metadata_size_from_the_first_bytes() -> None:
+    luks1 = b"LUKS\xba\xbe\x00\x01" + bytes(4088)
+    luks2 = b"LUKS\xba\xbe\x00\x02" + (16384).to_bytes(8, "big") + bytes(4080)
+    assert cryptsetup.metadata_size(luks1) == 4096
+    assert cryptsetup.metadata_size(luks2) == 32768
+    assert cryptsetup.metadata_size(luks2[:8] + (12345).to_bytes(8, "big")) == 0  # implausible
+    assert cryptsetup.metadata_size(bytes(4096)) == 0

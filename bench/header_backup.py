@@ -71,23 +71,27 @@ def main() -> None:
         first = timed([luksvm])
         written = sorted((work / "backups").glob("*/*.luksheader"))
         assert len(written) == count, f"first run wrote {len(written)} backups, not {count}"
-        bare_isluks = timed([["cryptsetup", "isLuks", str(image)] for image in images])
-        second = timed([luksvm])
-        after = sorted((work / "backups").glob("*/*.luksheader"))
-        assert after == written, "the second run wrote or removed backups"
-        startup = timed([[*LUKSVM, "--version"]])
+        # The machine is shared: take the best of three, alternating, for the short runs.
+        bare_isluks = second = startup = float("inf")
+        for _ in range(3):
+            isluks = [["cryptsetup", "isLuks", str(image)] for image in images]
+            bare_isluks = min(bare_isluks, timed(isluks))
+            second = min(second, timed([luksvm]))
+            after = sorted((work / "backups").glob("*/*.luksheader"))
+            assert after == written, "the second run wrote or removed backups"
+            startup = min(startup, timed([[*LUKSVM, "--version"]]))
 
         print(f"{count} LUKS2 volumes (16 MiB headers) on image files, {os.cpu_count()} cores")
-        print(f"{'run':<52}{'seconds':>9}")
+        print(f"{'run':<60}{'seconds':>9}")
         rows = [
             ("first:  bare cryptsetup luksHeaderBackup per volume", bare_backup),
             ("first:  luksvm header-backup (verify, fsync, record)", first),
-            ("second: bare cryptsetup isLuks per volume", bare_isluks),
-            ("second: luksvm header-backup (nothing changed)", second),
+            ("second: bare cryptsetup isLuks per volume (best of 3)", bare_isluks),
+            ("second: luksvm header-backup, nothing changed (best of 3)", second),
             ("        of which: python + luksvm start-up", startup),
         ]
         for label, seconds in rows:
-            print(f"{label:<52}{seconds:>9.2f}")
+            print(f"{label:<60}{seconds:>9.2f}")
         print(f"second run over bare isLuks: {second - bare_isluks:+.2f} s; files written: 0")
     finally:
         shutil.rmtree(work)

@@ -148,6 +148,17 @@ def cmd_header_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    from luksvm import apply, config
+
+    plan = apply.apply(config.load(args.root), dry_run=args.dry_run)
+    for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
+        print(line)
+    for line in apply.warnings(plan):
+        print(f"luksvm: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="luksvm",
@@ -203,6 +214,19 @@ def build_parser() -> Parser:
     )
     restore.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     restore.set_defaults(func=cmd_header_restore)
+
+    apply_parser = commands.add_parser(
+        "apply",
+        help="write the systemd units the configuration asks for",
+        description="Write the drop-ins and luksvm.target links under ROOT/etc/systemd/system, "
+        "remove those an earlier apply wrote that the configuration no longer asks for, and "
+        "reload systemd.",
+    )
+    apply_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
+    apply_parser.add_argument("--diff", action="store_true", help="show unified diffs")
+    apply_parser.set_defaults(func=cmd_apply)
 
     return parser
 

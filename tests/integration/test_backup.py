@@ -410,22 +410,3 @@ def test_config_volume_names_are_checked(tmp_path: Path) -> None:
     configure(tmp_path, {"cr_test": "/dev/null"})
     with pytest.raises(UsageError, match="no volume 'cr_nope'"):
         backup.backup_headers(config.load(str(tmp_path)), ["cr_nope"])
-
-
-def test_discard_chain_reads_a_real_loop_device_and_luks2_flags(
-    tmp_path: Path, loop_device: Attach
-) -> None:
-    from luksvm import trim
-
-    image = make_luks(tmp_path / "disk.img", KEY)
-    device = loop_device(image)
-    write_config(tmp_path, {"10.conf": f"cr_test {device} - luks,x-luksvm.guest=g\n"})
-    volume = config.load(str(tmp_path)).volume("cr_test")
-    devices = trim.HOST.stack(device)
-    assert [d.kernel_name for d in devices] == [os.path.basename(device)]
-    expected = int(
-        Path(f"/sys/block/{os.path.basename(device)}/queue/discard_max_bytes").read_text()
-    )
-    assert trim.device_link(volume, devices).ok is (expected > 0)
-    assert trim.HOST.header_flags(device) == ()  # formatted without --allow-discards
-    assert trim.crypt_link(volume, trim.HOST.header_flags(device), None).ok is False

@@ -247,7 +247,7 @@ def test_killed_mid_write_leaves_older_backup_intact_and_no_partial_final_file(
     assert caught_temporary, "never caught the run while it wrote its temporary file"
     assert backups_of(folder) == [older]
     assert digest(older) == older_digest
-    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == sorted(
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
         [older.name, older.name + ".json"]
     )
     # the next run removes the leftover and backs up the changed header

@@ -601,7 +601,6 @@ def plan_restore(
     *,
     device: str | None = None,
     force_uuid_mismatch: bool = False,
-    sys_dir: str = blockdev.SYS_DIR,
 ) -> RestorePlan:
     """Every check before a restore; runs nothing that writes. LuksvmError says why not."""
     volume = config.volume(name)
@@ -634,7 +633,7 @@ def plan_restore(
                 f"{name}: {mismatch}; nothing changed (--force-uuid-mismatch overrides)"
             )
         matched_by = "--force-uuid-mismatch"
-    _refuse_unless_locked(volume, device, sys_dir)
+    _refuse_unless_locked(volume, device)
     folder = os.path.join(config.settings.backup_dir, volume.name)
     return RestorePlan(volume, device, backup_file, backup, live, matched_by, folder)
 
@@ -661,14 +660,13 @@ def _match(
     )
 
 
-def _refuse_unless_locked(volume: Volume, device: str, sys_dir: str) -> None:
+def _refuse_unless_locked(volume: Volume, device: str) -> None:
     if os.path.exists(volume.mapper_path) or cryptsetup.status(volume.name).active:
         raise LuksvmError(
             f"{volume.name} is unlocked ({volume.mapper_path}): lock it first "
             f"(luksvm lock {volume.name}); a header is never restored under an open mapping"
         )
-    number = blockdev.number_of(device)
-    held_by = blockdev.holders(number, sys_dir) if number else []
+    held_by = blockdev.describe(device).holders if blockdev.number_of(device) else ()
     if held_by:
         raise LuksvmError(
             f"{volume.name}: {device} is held by {', '.join(held_by)}; close what is open on it "

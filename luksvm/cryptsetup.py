@@ -196,3 +196,17 @@ def header_restore(device: str, path: str) -> None:
         ["cryptsetup", "luksHeaderRestore", "--batch-mode", device, "--header-backup-file", path],
         timeout=TIMEOUT,
     )
+
+
+def open_with_key(device: str, name: str, key: bytes) -> None:
+    """Open the LUKS `device` as /dev/mapper/NAME, the key on stdin."""
+    run(
+        ["cryptsetup", "open", "--type", "luks", "--key-file=-", device, name],
+        stdin=key,
+        secret=True,
+        timeout=KEY_TIMEOUT,
+    )
+
+
+def close_mapping(name: str) -> None:
+    run(["cryptsetup", "close", name], timeout=TIMEOUT)

@@ -162,7 +162,7 @@ def crypt_link(
     return Link("dm-crypt", False, f"{volume.name}: no crypttab option discard", fix=fix)
 
 
-def device_link(volume: Volume, devices: Sequence[blockdev.BlockDevice]) -> Link:
+def device_link(volume: Volume, devices: Sequence[blockdev.Layer]) -> Link:
     """The backing device (LV) and everything below it must accept discards; the lowest device
     that does not is where the chain breaks (limits stack upwards)."""
     if not devices:
@@ -235,7 +235,7 @@ class Probe:
 
     header_flags: Callable[[str], Sequence[str]]
     mapping: Callable[[str], cryptsetup.MappingStatus]
-    stack: Callable[[str], Sequence[blockdev.BlockDevice]]
+    stack: Callable[[str], Sequence[blockdev.Layer]]
 
 
 def _flags(device: str) -> Sequence[str]:
@@ -245,7 +245,7 @@ def _flags(device: str) -> Sequence[str]:
         return ()
 
 
-def _stack(device: str) -> Sequence[blockdev.BlockDevice]:
+def _stack(device: str) -> Sequence[blockdev.Layer]:
     number = blockdev.number_of(device)
     return blockdev.stack(number) if number else []
 

@@ -29,14 +29,6 @@ def test_stack_of_an_unknown_number_is_empty_and_a_loop_in_sysfs_ends(tmp_path: 
     assert [d.kernel_name for d in blockdev.stack("253:0", str(tmp_path))] == ["dm-0", "dm-1"]
 
 
-def test_holders_lists_what_is_open_on_a_device(tmp_path: Path) -> None:
-    host_stack(tmp_path)
-    (tmp_path / "class/block/dm-2/holders/dm-3").touch()
-    assert blockdev.holders("253:2", str(tmp_path)) == ["dm-3"]
-    assert blockdev.holders("253:4", str(tmp_path)) == []
-    assert blockdev.holders("9:9", str(tmp_path)) == []
-
-
 def test_filesystem_device_of_a_missing_path_is_its_nearest_parents(tmp_path: Path) -> None:
     assert blockdev.filesystem_device(str(tmp_path / "not/yet")) == blockdev.filesystem_device(
         str(tmp_path)

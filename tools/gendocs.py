@@ -196,8 +196,7 @@ def _usage_item(argument: Argument) -> str:
 
 def synopsis(command: Command) -> str:
     """`luksvm WORDS [OPTIONS] ARGS` as roff, options first as argparse prints them."""
-    # unpaddable spaces: a justified line must not stretch "luksvm shrink run" apart
-    parts = ["\\fB" + "\\ ".join(roff(w) for w in ("luksvm", *command.words)) + "\\fR"]
+    parts = [_bold(" ".join(("luksvm", *command.words)))]
     options = [a for a in command.arguments if not a.positional]
     positionals = [a for a in command.arguments if a.positional]
     parts += [_usage_item(a) for a in options] + [_usage_item(a) for a in positionals]

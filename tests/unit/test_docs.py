@@ -88,7 +88,7 @@ def test_pending_entries_appear_once_their_command_exists() -> None:
     assert "Toy prose." in section
     assert "\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR" in section
     synopsis = (
-        "\\fBluksvm\\ toy\\fR [\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR] [\\fIVOLUME\\fR\\&...]"
+        "\\fBluksvm toy\\fR [\\fB\\-\\-policy\\fR \\fI{destroy,fail}\\fR] [\\fIVOLUME\\fR\\&...]"
     )
     assert synopsis in section
 

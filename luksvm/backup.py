@@ -343,6 +343,38 @@ def unchanged_since(backup: Backup, device: str) -> bool:
     return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
 
 
+@dataclass(frozen=True)
+class Verification:
+    intact: bool  # the file is what was written (its recorded hash), or reads as a LUKS header
+    current: bool  # it holds the device's current LUKS metadata: no header change since
+    problem: str  # why not, "" when both hold
+
+
+def verify_backup(backup: Backup, device: str) -> Verification:
+    """Whether `backup` can restore `device` as it is now. With its .json record: the file's hash
+    and the device's metadata hash (no process); without: the headers compared (cryptsetup)."""
+    record = read_record(backup)
+    if record is None:
+        try:
+            differences = header_differences(
+                cryptsetup.read_header(device), cryptsetup.read_header(backup.path)
+            )
+        except LuksvmError as error:
+            return Verification(False, False, str(error))
+        return Verification(True, not differences, "; ".join(differences))
+    if sha256_of(backup.path) != record.file_sha256:
+        return Verification(
+            False, False, f"{backup.path} no longer hashes as recorded in {backup.record_path}"
+        )
+    if not unchanged_since(backup, device):
+        return Verification(
+            True,
+            False,
+            "the LUKS header changed since (a keyslot or token added, removed or changed)",
+        )
+    return Verification(True, True, "")
+
+
 def backup_volume(
     volume: Volume,
     directory: str,

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
-from luksvm import apply, blockdev, config, cryptsetup, lvm, systemctl, units
+from luksvm import apply, backup, blockdev, config, cryptsetup, lvm, systemctl, units
 from luksvm.config import Config, Problem, Volume
 from luksvm.cryptsetup import LuksHeader
+from luksvm.durations import format_timespan
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_WARN, LuksvmError, UsageError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -605,6 +606,59 @@ def recovery_key(host: Host) -> Iterator[Finding]:
 
 def error_text(error: LuksvmError) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# --- header backups ----------------------------------------------------------------------------
+
+
+@check("header-backup", "every header has a backup that verifies, is recent, and is current")
+def header_backup(host: Host) -> Iterator[Finding]:
+    volumes = host.config.volumes
+    settings = host.config.settings
+    max_age = settings.backup_max_age / 1_000_000
+    now = time.time()
+
+    def look(volume: Volume) -> Finding:
+        try:
+            host.header(volume)
+        except LuksvmError as error:
+            return Finding.skip(
+                volume.name, f"header not readable (see check luks): {error_text(error)}"
+            )
+        directory = os.path.join(host.path(settings.backup_dir), volume.name)
+        fix = f"luksvm header-backup {volume.name}"
+        newest = next((b for b in backup.list_backups(directory) if not b.raw), None)
+        if newest is None:
+            return Finding.fail(
+                volume.name,
+                f"no header backup in {directory}: a damaged LUKS header loses all of the "
+                "volume's data",
+                fix=f"{fix}; systemctl enable --now luksvm-header-backup.timer",
+            )
+        verdict = backup.verify_backup(newest, volume.device)
+        name = os.path.basename(newest.path)
+        if not verdict.intact:
+            return Finding.fail(
+                volume.name, f"backup {name} does not verify: {verdict.problem}", fix=fix
+            )
+        if not verdict.current:
+            return Finding.warn(
+                volume.name,
+                f"backup {name} predates the last header change ({verdict.problem}): restoring "
+                "it would bring back the old keyslots",
+                fix=fix,
+            )
+        age = now - newest.created.timestamp()
+        if age > max_age:
+            return Finding.warn(
+                volume.name,
+                f"newest backup {name} is {format_timespan(int(age) * 1_000_000)} old, older "
+                f"than [backup] max_age = {format_timespan(settings.backup_max_age)}",
+                fix=f"{fix}; systemctl enable --now luksvm-header-backup.timer",
+            )
+        return Finding.ok(volume.name, f"backup {name} verifies and is current")
+
+    yield from host.each(look, volumes)
 
 
 # --- units and their ordering --------------------------------------------------------------------

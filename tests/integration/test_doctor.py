@@ -197,3 +197,59 @@ def test_cli_over_a_root_with_images_exits_with_the_worst_status(
     text = prom.read_text()
     assert 'luksvm_doctor_status{check="luks",subject="cr_b"} 2' in text
     assert 'luksvm_doctor_status{check="recovery-key",subject="cr_a"} 1' in text
+
+
+def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from luksvm import backup, config
+
+    image = make_luks(tmp_path / "a.img", b"pw")
+    root = write_config(
+        tmp_path / "root",
+        {"10.conf": f"cr_a {image} - luks\n"},
+        "[backup]\ndir = /var/lib/luksvm/header-backups\nmax_age = 30d\n",
+    )
+    folder = root / "var/lib/luksvm/header-backups/cr_a"
+
+    def finding() -> Finding:
+        (found,) = doctor.run_checks(Host(str(root)), doctor.select(["header-backup"]))
+        return found
+
+    assert finding().status == FAIL
+    assert "no header backup" in finding().message
+
+    folder.mkdir(parents=True)
+    (volume,) = config.load(str(root)).volumes
+    outcome = backup.backup_volume(volume, str(folder), keep=5)
+    assert finding() == Finding(
+        OK, "cr_a", f"backup {os.path.basename(outcome.file)} verifies and is current",
+        check="header-backup",
+    )  # fmt: skip
+
+    (tmp_path / "pw").write_bytes(b"pw")
+    (tmp_path / "new").write_bytes(b"new")
+    sh("cryptsetup", "luksAddKey", "-q", *FAST_KDF, "--key-file", str(tmp_path / "pw"),
+       str(image), str(tmp_path / "new"))  # fmt: skip
+    assert finding().status == WARN
+    assert "predates the last header change" in finding().message
+    assert finding().fix.startswith("luksvm header-backup cr_a")
+
+    outcome = backup.backup_volume(volume, str(folder), keep=5)
+    assert finding().status == OK
+    with open(outcome.file, "r+b") as f:
+        f.seek(20000)
+        f.write(b"\xff")
+    assert finding().status == FAIL
+    assert "no longer hashes as recorded" in finding().message
+
+    for path in folder.iterdir():
+        path.unlink()
+    backup.backup_volume(volume, str(folder), keep=5)
+    (written,) = [p for p in folder.iterdir() if not p.name.endswith(".json")]
+    stamp = backup.stamp(datetime(2020, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    renamed = folder / (stamp + written.name[len(stamp) :])
+    written.rename(renamed)
+    Path(str(written) + ".json").rename(str(renamed) + ".json")
+    assert finding().status == WARN
+    assert "older than [backup] max_age = 30d" in finding().message

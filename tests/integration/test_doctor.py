@@ -253,3 +253,28 @@ def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> 
     Path(str(written) + ".json").rename(str(renamed) + ".json")
     assert finding().status == WARN
     assert "older than [backup] max_age = 30d" in finding().message
+
+
+def test_sysfs_of_this_machine_loop_device_names_and_backing(
+    tmp_path: Path, loop_device: Callable[[Path], str]
+) -> None:
+    from luksvm import blockdev
+
+    image = tmp_path / "disk.img"
+    sh("truncate", "-s", "8M", str(image))
+    loop = loop_device(image)
+    dev = tmp_path / "dev"
+    (dev / "mapper").mkdir(parents=True)
+    (dev / "disk/by-id").mkdir(parents=True)
+    os.symlink(loop, dev / "mapper/cr_x")
+    os.symlink(loop, dev / "disk/by-id/dm-name-cr_x")
+    os.symlink(str(image), dev / "disk/by-id/not-a-block-device")
+    assert blockdev.aliases(str(dev / "mapper/cr_x"), str(dev)) == [
+        str(dev / "disk/by-id/dm-name-cr_x"),
+        str(dev / "mapper/cr_x"),
+    ]
+    backing = blockdev.backing_of_device(loop)
+    under = blockdev.backing_of_file(str(image))
+    # a loop device lies where its image file lies
+    assert backing.encrypted == under.encrypted
+    assert backing.description.startswith(f"{os.path.basename(loop)} ({image}) on ")

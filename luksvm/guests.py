@@ -522,3 +522,56 @@ def start_directly(config: Config, names: Sequence[str]) -> None:
         for name in names:
             started = start_guest(config, name, conn, delay=name != names[-1])
             print(f"{name}: {'started' if started else 'already running'}")
+
+
+# --- coexistence with libvirt's own autostart (`luksvm apply [--take-over]`) -------------------
+
+
+def autostarting(config: Config, conn: virt.Connection) -> list[str]:
+    """Configured guests whose libvirt autostart flag is set: libvirt would start them when the
+    daemon starts, racing the unlock of their volumes."""
+    found = []
+    for guest in config.guests:
+        domain = conn.find(guest.name)
+        if domain is not None and domain.autostart():
+            found.append(guest.name)
+    return found
+
+
+def autostart_warning(names: Sequence[str]) -> str:
+    return (
+        f"libvirt autostart is on for {', '.join(names)}: libvirt starts "
+        f"{'them' if len(names) > 1 else 'it'} when the daemon starts, whether or not the volumes "
+        "are unlocked, and luksvm's unit then finds the guest running. Let luksvm start "
+        f"{'them' if len(names) > 1 else 'it'}: luksvm apply --take-over (clears the flag), or "
+        f"virsh autostart --disable {names[0]}"
+    )
+
+
+def clear_autostart(config: Config, conn: virt.Connection) -> list[str]:
+    """Clear libvirt's autostart flag on every configured guest that has it; the names cleared."""
+    cleared = autostarting(config, conn)
+    for name in cleared:
+        conn.domain(name).set_autostart(False)
+        log.info(
+            "guest %s: libvirt autostart cleared; luksvm-guest@ starts it after its volumes",
+            name,
+            extra=journal.fields(guest=name),
+        )
+    return cleared
+
+
+def apply_autostart_policy(config: Config, *, take_over: bool) -> list[str]:
+    """What `luksvm apply` calls: with take_over, clear the flags; without, return the warning.
+    Only on the running system (root /); an unreachable libvirt is a warning, not a failure."""
+    if config.root != "/" or not config.guests:
+        return []
+    try:
+        with virt.connect(config.settings.uri, readonly=not take_over) as conn:
+            if take_over:
+                clear_autostart(config, conn)
+                return []
+            names = autostarting(config, conn)
+    except virt.VirtError as error:
+        return [f"could not check libvirt's autostart flags: {error}"]
+    return [autostart_warning(names)] if names else []

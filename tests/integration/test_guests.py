@@ -329,3 +329,16 @@ def test_stop_without_a_qemu_process_succeeds_without_connecting(
     (tmp_path / "proc" / str(os.getpid())).mkdir(parents=True)
     with pytest.raises(AssertionError, match="connected"):
         guests.stop_guest(cfg, "mail", no_connect)  # type: ignore[arg-type]
+
+
+def test_take_over_clears_autostart_only_on_managed_guests(make_host) -> None:  # type: ignore[no-untyped-def]
+    host = make_host({"mail": ["cr_a"], "web": ["cr_w"]})
+    host.conn._conn.defineXML(domain_xml("other", []))
+    for name in ("mail", "other"):
+        host.conn.domain(name).set_autostart(True)
+    assert guests.autostarting(host.config, host.conn) == ["mail"]
+    assert "virsh autostart --disable mail" in guests.autostart_warning(["mail"])
+    assert guests.clear_autostart(host.config, host.conn) == ["mail"]
+    assert not host.conn.domain("mail").autostart()
+    assert host.conn.domain("other").autostart()  # not luksvm's guest: left alone
+    assert guests.clear_autostart(host.config, host.conn) == []

@@ -113,7 +113,11 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    if guests.systemd_runs(cfg) and not args.direct:
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
         guests.start_through_units(cfg, names)
     else:
         guests.start_directly(cfg, names)
@@ -125,7 +129,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    if guests.systemd_runs(cfg) and not args.direct:
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
         stopped = guests.stop_through_units(cfg, names)
     else:
         stopped = guests.stop_guests(cfg, names, guests.connector(cfg))
@@ -186,6 +194,7 @@ def build_parser() -> Parser:
             action="store_true",
             help="talk to libvirt directly even when systemd runs (the units do not notice)",
         )
+        sub.add_argument("--dry-run", action="store_true", help="print what would be done")
         sub.set_defaults(func=func)
 
     return parser

@@ -575,3 +575,35 @@ def apply_autostart_policy(config: Config, *, take_over: bool) -> list[str]:
     except virt.VirtError as error:
         return [f"could not check libvirt's autostart flags: {error}"]
     return [autostart_warning(names)] if names else []
+
+
+# --- plans for --dry-run ---------------------------------------------------------------------
+
+
+def describe_stop(config: Config, name: str) -> str:
+    policy = config.settings.policy_for(name)
+    return (
+        f"{name}: ACPI shutdown, wait up to {format_timespan(policy.stop_timeout)}, "
+        f"then on_timeout={policy.on_timeout}"
+    )
+
+
+def plan(config: Config, verb: str, names: Sequence[str], *, through_units: bool) -> list[str]:
+    """What `luksvm start|stop` would do, one line each, changing nothing."""
+    if through_units:
+        if verb == "stop":
+            return [
+                shlex.join(["systemctl", "stop", *(unit_name(n) for n in names)]),
+                *(describe_stop(config, n) for n in names),
+            ]
+        return [shlex.join(["systemctl", "start", unit_name(n)]) for n in names]
+    if verb == "stop":
+        return [describe_stop(config, n) + " (all at once)" for n in names]
+    lines = []
+    for name in names:
+        delay = config.guest(name).policy.start_delay
+        lines.append(
+            f"{name}: start once {', '.join(config.guest(name).volumes)} unlocked"
+            + (f", then wait {format_timespan(delay)}" if delay and name != names[-1] else "")
+        )
+    return lines

@@ -203,3 +203,27 @@ def test_a_guest_waits_only_for_lower_order_units_that_are_starting(
     asked.clear()
     guests.wait_for_earlier_units(cfg, "mail", active_state, timeout=5)
     assert asked == []  # order 0: nobody before it
+
+
+def test_dry_run_plans(cfg: config.Config) -> None:
+    names = ["mail", "db", "web"]
+    assert guests.plan(cfg, "stop", names, through_units=True)[0] == (
+        "systemctl stop luksvm-guest@mail.service luksvm-guest@db.service luksvm-guest@web.service"
+    )
+    assert guests.plan(cfg, "stop", ["web"], through_units=False) == [
+        "web: ACPI shutdown, wait up to 10s, then on_timeout=managedsave (all at once)"
+    ]
+    assert guests.plan(cfg, "start", ["db", "web"], through_units=False) == [
+        "db: start once cr_db unlocked, then wait 5s",
+        "web: start once cr_web unlocked",
+    ]
+
+
+def test_cli_dry_run_changes_nothing(
+    cfg: config.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from luksvm.cli import main
+
+    assert main(["--root", cfg.root, "stop", "--all", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "mail: ACPI shutdown, wait up to 10s, then on_timeout=destroy (all at once)"

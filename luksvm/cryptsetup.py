@@ -1,0 +1,167 @@
+"""LUKS operations over cryptsetup(8): read headers, open, close, status, back up a header.
+
+Keys travel on stdin only (`--key-file=-`). LUKS1 counts its payload offset in 512-byte sectors,
+LUKS2 in bytes: LuksHeader.data_offset is always bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from luksvm.errors import LuksvmError
+from luksvm.run import run
+
+TIMEOUT = 60
+KEY_TIMEOUT = 120  # a real KDF may take seconds per keyslot tried
+
+
+@dataclass(frozen=True)
+class Keyslot:
+    number: int
+    kdf: str  # pbkdf2, argon2i, argon2id
+    key_bits: int
+
+
+@dataclass(frozen=True)
+class LuksHeader:
+    device: str
+    version: int
+    uuid: str
+    label: str
+    cipher: str  # e.g. aes-xts-plain64
+    data_offset: int  # bytes from the start of the device to the encrypted payload
+    sector_size: int  # encryption sector size in bytes (512 for LUKS1)
+    keyslots: tuple[Keyslot, ...]
+    flags: tuple[str, ...]  # LUKS2 persistent flags such as allow-discards
+    tokens: tuple[str, ...]  # LUKS2 token types (systemd-tpm2, systemd-fido2, …)
+
+    @property
+    def header_size(self) -> int:
+        """Bytes `luksHeaderBackup` saves: everything before the payload."""
+        return self.data_offset
+
+
+def is_luks(device: str) -> bool:
+    return run(["cryptsetup", "isLuks", device], timeout=TIMEOUT, check=False).returncode == 0
+
+
+def read_header(device: str) -> LuksHeader:
+    """The header of the LUKS device (or header backup file) at `device`."""
+    if not is_luks(device):
+        raise LuksvmError(f"{device} is not a LUKS device (cryptsetup isLuks says no)")
+    text = run(["cryptsetup", "luksDump", device], timeout=TIMEOUT).stdout
+    version = _field(text, "Version")
+    if version == "1":
+        return parse_luks1_dump(device, text)
+    metadata = run(
+        ["cryptsetup", "luksDump", "--dump-json-metadata", device], timeout=TIMEOUT
+    ).stdout
+    return parse_luks2(device, text, json.loads(metadata))
+
+
+def _field(text: str, name: str) -> str:
+    match = re.search(rf"^{re.escape(name)}:\s*(.*?)\s*$", text, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def parse_luks1_dump(device: str, text: str) -> LuksHeader:
+    key_bits = int(_field(text, "MK bits") or 0)
+    keyslots = tuple(
+        Keyslot(int(n), "pbkdf2", key_bits)
+        for n in re.findall(r"^Key Slot (\d+): ENABLED", text, re.MULTILINE)
+    )
+    return LuksHeader(
+        device=device,
+        version=1,
+        uuid=_field(text, "UUID"),
+        label="",
+        cipher=f"{_field(text, 'Cipher name')}-{_field(text, 'Cipher mode')}",
+        data_offset=int(_field(text, "Payload offset")) * 512,
+        sector_size=512,
+        keyslots=keyslots,
+        flags=(),
+        tokens=(),
+    )
+
+
+def parse_luks2(device: str, text: str, metadata: dict[str, object]) -> LuksHeader:
+    segments: dict[str, dict[str, object]] = metadata["segments"]  # type: ignore[assignment]
+    keyslots: dict[str, dict[str, object]] = metadata["keyslots"]  # type: ignore[assignment]
+    tokens: dict[str, dict[str, object]] = metadata.get("tokens", {})  # type: ignore[assignment]
+    config: dict[str, object] = metadata.get("config", {})  # type: ignore[assignment]
+    segment = segments[min(segments, key=int)]
+    label = _field(text, "Label")
+    return LuksHeader(
+        device=device,
+        version=2,
+        uuid=_field(text, "UUID"),
+        label="" if label == "(no label)" else label,
+        cipher=str(segment["encryption"]),
+        data_offset=int(str(segment["offset"])),
+        sector_size=int(str(segment.get("sector_size", 512))),
+        keyslots=tuple(
+            Keyslot(
+                int(number),
+                str(slot.get("kdf", {}).get("type", "")),  # type: ignore[attr-defined]
+                int(str(slot.get("key_size", 0))) * 8,
+            )
+            for number, slot in sorted(keyslots.items(), key=lambda item: int(item[0]))
+        ),
+        flags=tuple(str(f) for f in config.get("flags", [])),  # type: ignore[attr-defined]
+        tokens=tuple(str(t.get("type", "")) for t in tokens.values()),
+    )
+
+
+@dataclass(frozen=True)
+class MappingStatus:
+    name: str
+    active: bool
+    in_use: bool
+    device: str  # the backing device
+    offset_sectors: int
+    size_sectors: int
+    discards: bool
+
+
+def status(name: str) -> MappingStatus:
+    """`cryptsetup status NAME`; inactive mappings come back with active=False."""
+    result = run(["cryptsetup", "status", name], timeout=TIMEOUT, check=False)
+    first = result.stdout.splitlines()[0] if result.stdout else ""
+    if result.returncode != 0 or "inactive" in first:
+        return MappingStatus(name, False, False, "", 0, 0, False)
+
+    def number(label: str) -> int:
+        value = _field(result.stdout, f"  {label}")
+        return int(value.split()[0]) if value else 0
+
+    return MappingStatus(
+        name=name,
+        active=True,
+        in_use="in use" in first,
+        device=_field(result.stdout, "  device"),
+        offset_sectors=number("offset"),
+        size_sectors=number("size"),
+        discards="discards" in _field(result.stdout, "  flags"),
+    )
+
+
+def test_passphrase(device: str, key: bytes) -> bool:
+    """True when `key` opens a keyslot of `device` (nothing is activated)."""
+    result = run(
+        ["cryptsetup", "open", "--test-passphrase", "--tries", "1", "--key-file=-", device],
+        stdin=key,
+        secret=True,
+        timeout=KEY_TIMEOUT,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def header_backup(device: str, path: str) -> None:
+    """Write the header of `device` to `path` (which must not exist yet)."""
+    run(
+        ["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", path],
+        timeout=TIMEOUT,
+    )

@@ -480,6 +480,7 @@ def start_through_units(config: Config, names: Sequence[str]) -> None:
     active unit does not mean a running guest (RemainAfterExit)."""
     from luksvm.run import run_interactive
 
+    failed = []
     with virt.connect(config.settings.uri, readonly=True) as conn:
         for name in names:
             unit = unit_name(name)
@@ -491,7 +492,13 @@ def start_through_units(config: Config, names: Sequence[str]) -> None:
                     continue
                 verb = "restart"
             print(f"{name}: systemctl {verb} {shlex.quote(unit)}")
-            run_interactive(["systemctl", verb, unit])
+            if run_interactive(["systemctl", verb, unit], check=False) != 0:
+                failed.append(name)
+    if failed:
+        raise LuksvmError(
+            f"not started: {', '.join(failed)}; see systemctl status "
+            + " ".join(shlex.quote(unit_name(n)) for n in failed)
+        )
 
 
 def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:

@@ -227,3 +227,25 @@ def test_cli_dry_run_changes_nothing(
     assert main(["--root", cfg.root, "stop", "--all", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "mail: ACPI shutdown, wait up to 10s, then on_timeout=destroy (all at once)"
+
+
+def test_stop_through_units_one_systemctl_for_active_units_direct_for_the_rest(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from luksvm import run
+
+    ran: list[tuple[list[str], float]] = []
+    direct: list[list[str]] = []
+    monkeypatch.setattr(guests, "unit_state", lambda u: "inactive" if "web" in u else "active")
+    monkeypatch.setattr(run, "run", lambda argv, timeout: ran.append((argv, timeout)))
+    monkeypatch.setattr(
+        guests, "stop_guests", lambda _c, names, _connect: direct.append(list(names)) or []
+    )
+    guests.stop_through_units(cfg, ["mail", "db", "web"])
+    assert ran == [
+        (
+            ["systemctl", "stop", "luksvm-guest@mail.service", "luksvm-guest@db.service"],
+            70 + 60,  # the longest stop budget of those units, plus a minute
+        )
+    ]
+    assert direct == [["web"]]

@@ -65,7 +65,7 @@ class JournalHandler(logging.Handler):
                 PRIORITY=str(priority),
                 SYSLOG_IDENTIFIER="luksvm",
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,  # python-systemd formats it with {:d}
                 CODE_FUNC=record.funcName,
                 **extra,
             )

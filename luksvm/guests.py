@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from luksvm import journal, virt
+from luksvm import journal, units, virt
 from luksvm.config import Config, GuestPolicy
 from luksvm.durations import USEC_PER_SEC, format_timespan
 from luksvm.errors import LuksvmError, UsageError
@@ -29,12 +29,12 @@ QEMU_RUN_DIR = "run/libvirt/qemu"  # libvirt's QEMU driver keeps NAME.pid here w
 MACHINE_SLICE = "sys/fs/cgroup/machine.slice"
 SAVE_DIR = "var/lib/libvirt/qemu/save"  # libvirt's managedsave images (compiled in, not set)
 SYS_DIR = "sys"
-UNIT_TEMPLATE = "luksvm-guest@{}.service"
 
 START_DEADLINE = 120.0  # seconds from `create` until the domain reports running
-# Time each on_timeout policy may take after stop_timeout (units use it for TimeoutStopSec=).
-POLICY_SECONDS = {"destroy": 30, "managedsave": int(virt.SAVE_DEADLINE), "fail": 0}
-STOP_MARGIN_SECONDS = 30
+# Time each on_timeout policy may take after stop_timeout, and the margin: the unit's
+# TimeoutStopSec= is stop_timeout plus both (units.py).
+POLICY_SECONDS = {k: v // USEC_PER_SEC for k, v in units.POLICY_TIME_USEC.items()}
+STOP_MARGIN_SECONDS = units.STOP_MARGIN_USEC // USEC_PER_SEC
 POLL_SECONDS = 1.0
 EARLIER_GUEST_WAIT = 600.0  # a guest waits at most this long for lower-order guests to start
 
@@ -43,14 +43,7 @@ HOST_SHUTDOWN_NOTE = (
 )
 
 
-# --- the unit contract: the numbers units.py and `status --json` use ----------------------------
-
-
-def stop_budget_usec(policy: GuestPolicy) -> int:
-    """What one `guest stop` may take: TimeoutStopSec= of its unit."""
-    return policy.stop_timeout + (POLICY_SECONDS[policy.on_timeout] + STOP_MARGIN_SECONDS) * (
-        USEC_PER_SEC
-    )
+# --- the unit contract: units.py renders TimeoutStopSec=/TimeoutStartSec= from the same numbers --
 
 
 def effective_policies(config: Config) -> list[dict[str, object]]:
@@ -58,33 +51,21 @@ def effective_policies(config: Config) -> list[dict[str, object]]:
     return [
         {
             "guest": guest.name,
+            "unit": unit_name(guest.name),
             "order": guest.policy.order,
             "start_delay": format_timespan(guest.policy.start_delay),
             "stop_timeout": format_timespan(guest.policy.stop_timeout),
             "stop_timeout_usec": guest.policy.stop_timeout,
             "on_timeout": guest.policy.on_timeout,
-            "stop_budget": format_timespan(stop_budget_usec(guest.policy)),
+            "unit_stop_timeout": format_timespan(units.stop_timeout_usec(guest)),
         }
         for guest in config.guests
     ]
 
 
 def unit_name(guest: str) -> str:
-    """luksvm-guest@GUEST.service with GUEST escaped as `systemd-escape` does."""
-    return UNIT_TEMPLATE.format(systemd_escape(guest))
-
-
-def systemd_escape(text: str) -> str:
-    out = []
-    for index, byte in enumerate(text.encode()):
-        char = chr(byte)
-        if char == "/":
-            out.append("-")
-        elif (char.isascii() and char.isalnum()) or char in ":_" or (char == "." and index):
-            out.append(char)
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
+    """luksvm-guest@GUEST.service, GUEST escaped as `systemd-escape` does."""
+    return units.guest_unit(guest)
 
 
 # --- what is on this host (all under the configuration root) ----------------------------------
@@ -155,7 +136,7 @@ def scope_is_for(scope: str, guest: str) -> bool:
         if char.isascii() and (char.isalnum() or char in "-."):
             machine += char
     machine = machine.rstrip("-.")
-    return systemd_escape(machine) == f"qemu\\x2d{match.group(1)}\\x2d{match.group(2)}"
+    return units.systemd_escape(machine) == f"qemu\\x2d{match.group(1)}\\x2d{match.group(2)}"
 
 
 def local_qemu(uri: str) -> bool:
@@ -509,17 +490,17 @@ def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:
 
     active = [n for n in names if unit_state(unit_name(n)) == "active"]
     others = [n for n in names if n not in active]
-    budget = max((stop_budget_usec(config.settings.policy_for(n)) for n in active), default=0)
+    budget = max((units.stop_timeout_usec(config.guest(n)) for n in active), default=0)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        units = None
+        through_units = None
         if active:
             argv = ["systemctl", "stop", *(unit_name(n) for n in active)]
             print(shlex.join(argv))
-            units = pool.submit(run, argv, timeout=budget / USEC_PER_SEC + 60)
+            through_units = pool.submit(run, argv, timeout=budget / USEC_PER_SEC + 60)
         direct = pool.submit(stop_guests, config, others, connector(config))
         stopped = direct.result()
-        if units is not None:
-            units.result()
+        if through_units is not None:
+            through_units.result()
     return stopped
 
 

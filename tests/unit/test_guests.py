@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import config, guests, virt
-from luksvm.config import GuestPolicy
+from luksvm import config, guests, units, virt
 from luksvm.errors import UsageError
 from tests.conftest import write_config
 
@@ -61,20 +60,8 @@ def test_unlocked_means_the_mapping_exists(cfg: config.Config, tmp_path: Path) -
     assert guests.unlocked(cfg, "cr_web")
 
 
-@pytest.mark.parametrize(
-    ("name", "escaped"),
-    [
-        ("mail", "mail"),
-        ("cr-client-a", "cr\\x2dclient\\x2da"),
-        (".hidden", "\\x2ehidden"),
-        ("a.b_c:d", "a.b_c:d"),
-        ("wéb", "w\\xc3\\xa9b"),
-        ("a b", "a\\x20b"),
-    ],
-)
-def test_unit_names_are_escaped_like_systemd_escape(name: str, escaped: str) -> None:
-    assert guests.systemd_escape(name) == escaped
-    assert guests.unit_name(name) == f"luksvm-guest@{escaped}.service"
+def test_guest_unit_names_are_escaped() -> None:
+    assert guests.unit_name("cr-client-a") == "luksvm-guest@cr\\x2dclient\\x2da.service"
 
 
 @pytest.mark.parametrize(
@@ -160,10 +147,11 @@ def test_managedsave_refusal_explains_where_ram_would_go(cfg: config.Config) -> 
     assert "unencrypted" in refusal and "on_timeout=destroy" in refusal
 
 
-def test_stop_budget_covers_timeout_policy_and_margin() -> None:
-    assert guests.stop_budget_usec(GuestPolicy(stop_timeout=10_000_000)) == 70_000_000
-    assert guests.stop_budget_usec(GuestPolicy(10_000_000, "fail")) == 40_000_000
-    assert guests.stop_budget_usec(GuestPolicy(10_000_000, "managedsave")) == 640_000_000
+def test_unit_timeouts_cover_what_guest_start_and_stop_may_wait() -> None:
+    usec = 1_000_000
+    assert (guests.EARLIER_GUEST_WAIT + guests.START_DEADLINE) * usec <= units.START_BUDGET_USEC
+    assert guests.POLICY_SECONDS["managedsave"] >= virt.SAVE_DEADLINE
+    assert guests.POLICY_SECONDS["destroy"] >= 30  # destroy, then the wait for shut off
 
 
 def test_effective_policies_for_status(cfg: config.Config) -> None:
@@ -172,7 +160,8 @@ def test_effective_policies_for_status(cfg: config.Config) -> None:
     assert table["web"]["on_timeout"] == "managedsave"
     assert table["web"]["stop_timeout"] == "10s"
     assert table["db"]["start_delay"] == "5s"
-    assert table["mail"]["stop_budget"] == "1min 10s"
+    assert table["mail"]["unit_stop_timeout"] == "1min 10s"
+    assert table["mail"]["unit"] == "luksvm-guest@mail.service"
 
 
 def test_select_keeps_start_order_and_refuses_unknown(cfg: config.Config) -> None:

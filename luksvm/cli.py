@@ -262,12 +262,15 @@ def cmd_shrink_run(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from luksvm import apply, config
+    from luksvm import apply, config, guests
 
-    plan = apply.apply(config.load(args.root), dry_run=args.dry_run)
+    cfg = config.load(args.root)
+    plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)
     for line in apply.warnings(plan):
+        print(f"luksvm: {line}", file=sys.stderr)
+    for line in guests.apply_autostart_policy(cfg, take_over=args.take_over, dry_run=args.dry_run):
         print(f"luksvm: {line}", file=sys.stderr)
     return EXIT_OK
 
@@ -370,6 +373,12 @@ def build_parser() -> Parser:
         "--dry-run", action="store_true", help="print what would change; change nothing"
     )
     apply_parser.add_argument("--diff", action="store_true", help="show unified diffs")
+    apply_parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="clear libvirt's autostart flag on the guests luksvm manages (it would start them "
+        "before their volumes are unlocked)",
+    )
     apply_parser.set_defaults(func=cmd_apply)
 
     shrink_parser = commands.add_parser(

@@ -549,19 +549,23 @@ def clear_autostart(config: Config, conn: virt.Connection) -> list[str]:
     return cleared
 
 
-def apply_autostart_policy(config: Config, *, take_over: bool) -> list[str]:
-    """What `luksvm apply` calls: with take_over, clear the flags; without, return the warning.
-    Only on the running system (root /); an unreachable libvirt is a warning, not a failure."""
+def apply_autostart_policy(config: Config, *, take_over: bool, dry_run: bool) -> list[str]:
+    """What `luksvm apply [--take-over]` says about libvirt autostart: with take_over, clear the
+    flags (dry_run: say which it would clear); without, the warning. Only on the running system
+    (root /); an unreachable libvirt is a warning, not a failure."""
     if config.root != "/" or not config.guests:
         return []
+    changing = take_over and not dry_run
     try:
-        with virt.connect(config.settings.uri, readonly=not take_over) as conn:
-            if take_over:
-                clear_autostart(config, conn)
-                return []
+        with virt.connect(config.settings.uri, readonly=not changing) as conn:
+            if changing:
+                cleared = clear_autostart(config, conn)
+                return [f"libvirt autostart cleared for {', '.join(cleared)}"] if cleared else []
             names = autostarting(config, conn)
     except virt.VirtError as error:
         return [f"could not check libvirt's autostart flags: {error}"]
+    if names and take_over:
+        return [f"would clear libvirt autostart for {', '.join(names)}"]
     return [autostart_warning(names)] if names else []
 
 

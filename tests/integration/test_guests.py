@@ -342,3 +342,24 @@ def test_take_over_clears_autostart_only_on_managed_guests(make_host) -> None:  
     assert not host.conn.domain("mail").autostart()
     assert host.conn.domain("other").autostart()  # not luksvm's guest: left alone
     assert guests.clear_autostart(host.config, host.conn) == []
+
+
+def test_apply_warns_about_autostart_and_take_over_clears_it(cli_conn, make_host) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    host = cli_conn(make_host({"mail": ["cr_a"]}))
+    live = dataclasses.replace(host.config, root="/")  # the checks run only on the live system
+    host.conn.domain("mail").set_autostart(True)
+    (warning,) = guests.apply_autostart_policy(live, take_over=False, dry_run=False)
+    assert warning.startswith("libvirt autostart is on for mail")
+    assert guests.apply_autostart_policy(live, take_over=True, dry_run=True) == [
+        "would clear libvirt autostart for mail"
+    ]
+    assert host.conn.domain("mail").autostart()
+    assert guests.apply_autostart_policy(live, take_over=True, dry_run=False) == [
+        "libvirt autostart cleared for mail"
+    ]
+    assert not host.conn.domain("mail").autostart()
+    assert guests.apply_autostart_policy(live, take_over=False, dry_run=False) == []
+    # Under --root DIR (not the live system) libvirt is not asked at all.
+    assert guests.apply_autostart_policy(host.config, take_over=True, dry_run=False) == []

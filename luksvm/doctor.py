@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
-from luksvm import apply, backup, blockdev, config, cryptsetup, lvm, systemctl, units
+from luksvm import apply, backup, blockdev, config, cryptsetup, guests, lvm, systemctl, trim, units
 from luksvm.config import Config, Problem, Volume
 from luksvm.cryptsetup import LuksHeader
 from luksvm.durations import format_timespan
@@ -250,6 +251,32 @@ class Host:
         names.append(f"/dev/disk/by-id/dm-uuid-CRYPT-LUKS{header.version}-{uuid}-{volume.name}")
         return names
 
+    @property
+    def libvirt_reachable(self) -> bool:
+        """libvirt speaks of this host only when ROOT is the running system; the test driver
+        (test:///FILE) serves any root."""
+        return self.live or self.config.settings.uri.startswith("test:")
+
+    def domains(self) -> dict[str, DomainFacts]:
+        """What libvirt says of every configured guest, over one read-only connection."""
+
+        def probe() -> dict[str, DomainFacts]:
+            from luksvm import virt
+
+            facts = {}
+            with virt.connect(self.config.settings.uri, readonly=True) as conn:
+                for guest in self.config.guests:
+                    domain = conn.find(guest.name)
+                    if domain is None:
+                        facts[guest.name] = DomainFacts(guest.name, False, "", False)
+                    else:
+                        facts[guest.name] = DomainFacts(
+                            guest.name, True, domain.xml(), domain.autostart()
+                        )
+            return facts
+
+        return self._once.get("domains", probe)
+
     def unit_files(self) -> dict[str, str]:
         return self._once.get(
             "unit-files", lambda: systemctl.unit_file_states(UNIT_FILE_PATTERNS, self.root)
@@ -264,6 +291,14 @@ class Host:
     ) -> dict[str, dict[str, str]]:
         key = ("show", tuple(units), tuple(properties))
         return self._once.get(key, lambda: systemctl.show(units, properties))
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    name: str
+    defined: bool
+    xml: str  # the domain's XML ("" when not defined)
+    autostart: bool
 
 
 def _read_header(volume: Volume) -> LuksHeader:
@@ -823,6 +858,125 @@ def ordering(host: Host) -> Iterator[Finding]:
             yield Finding.ok(name, f"started after {', '.join(daemons)}")
 
 
+# --- guests in libvirt ----------------------------------------------------------------------------
+
+MAPPING_SOURCE = re.compile(r"/dev/(?:mapper/|disk/by-id/dm-name-)([^/]+)")
+
+
+@check("guests", "guests exist in libvirt with exactly their luksvm disks; libvirt neither "
+       "autostarts them nor saves them to an unencrypted disk")  # fmt: skip
+def guests_in_libvirt(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if not cfg.guests:
+        yield Finding.skip(HOST, "no guests configured (x-luksvm.guest=)")
+        return
+    if not host.libvirt_reachable:
+        yield Finding.skip(HOST, f"{host.root} is not the running system: libvirt not asked")
+        return
+    try:
+        domains = host.domains()
+    except LuksvmError as error:
+        yield Finding.warn(
+            HOST,
+            f"cannot ask libvirt at {cfg.settings.uri}: {error_text(error)}",
+            fix="systemctl start virtqemud.socket   (or libvirtd.service)",
+        )
+        return
+    configured = {v.name: v for v in cfg.volumes}
+    for guest in cfg.guests:
+        facts = domains[guest.name]
+        where = configured[guest.volumes[0]].where
+        if not facts.defined:
+            yield Finding.fail(
+                guest.name,
+                f"no libvirt domain {guest.name} at {cfg.settings.uri}: its unit cannot start it",
+                fix=f"virsh define {guest.name}.xml, or correct x-luksvm.guest={guest.name} "
+                f"at {where}",
+            )
+            continue
+        yield from _guest_disks(guest.name, guest.volumes, facts, configured)
+        if facts.autostart:
+            yield Finding.warn(
+                guest.name,
+                "libvirt autostart is on: libvirt starts it when the daemon starts, whether or "
+                "not its volumes are unlocked",
+                fix=f"luksvm apply --take-over   (or virsh autostart --disable {guest.name})",
+            )
+    yield _libvirt_guests(host)
+
+
+def _guest_disks(
+    guest: str, volumes: Sequence[str], facts: DomainFacts, configured: dict[str, Volume]
+) -> Iterator[Finding]:
+    from luksvm import virt
+
+    disks = virt.disks_from_xml(facts.xml)
+    on_disks = {}
+    problems = 0
+    for disk in disks:
+        match = MAPPING_SOURCE.fullmatch(disk.source)
+        if not match:
+            continue
+        name = match.group(1)
+        on_disks[name] = disk.target
+        volume = configured.get(name)
+        if volume is None:
+            problems += 1
+            yield Finding.fail(
+                guest,
+                f"disk {disk.target} is {disk.source}, which luksvm does not configure: nothing "
+                "unlocks it before the guest starts or locks it at shutdown",
+                fix=f"add a line `{name} SOURCE KEY luks,x-luksvm.guest={guest}` to a file in "
+                f"/{config.CRYPTTAB_DIR}/, then luksvm apply",
+            )
+        elif guest not in volume.guests:
+            problems += 1
+            yield Finding.fail(
+                guest,
+                f"disk {disk.target} is volume {name}, whose options lack x-luksvm.guest={guest}: "
+                "the guest can start before it is unlocked",
+                fix=f"add x-luksvm.guest={guest} to the options at {volume.where}, "
+                "then luksvm apply",
+            )
+    for name in volumes:
+        if name not in on_disks:
+            problems += 1
+            yield Finding.fail(
+                guest,
+                f"volume {name} names this guest (x-luksvm.guest={guest}), but the domain has no "
+                f"disk /dev/mapper/{name}",
+                fix=f"virsh attach-disk {guest} /dev/mapper/{name} vdX --persistent, or remove "
+                f"x-luksvm.guest={guest} at {configured[name].where}",
+            )
+    if not problems:
+        pairs = ", ".join(f"{target}={name}" for name, target in on_disks.items())
+        yield Finding.ok(guest, f"defined; luksvm disks {pairs}")
+
+
+def _libvirt_guests(host: Host) -> Finding:
+    """libvirt-guests saves running guests' RAM at shutdown (ON_SHUTDOWN=suspend, its default).
+    luksvm stops its guests first, but one it could not stop would be saved there."""
+    state = host.unit_files().get("libvirt-guests.service", "not installed")
+    if state not in ("enabled", "enabled-runtime", "static", "indirect", "alias"):
+        return Finding.ok("libvirt-guests", f"libvirt-guests.service is {state}")
+    path, settings = guests.libvirt_guests_settings(host.config)
+    action = settings.get("ON_SHUTDOWN", "")
+    if action != "suspend":
+        return Finding.ok("libvirt-guests", f"ON_SHUTDOWN={action}: guests are not saved")
+    refusal = guests.save_dir_refusal(host.config)
+    if refusal is None:
+        return Finding.ok("libvirt-guests", "suspends to an encrypted save directory")
+    where = path or "/etc/default/libvirt-guests"
+    return Finding.fail(
+        "libvirt-guests",
+        f"libvirt-guests.service suspends running guests at shutdown (ON_SHUTDOWN=suspend"
+        f"{'' if path else ', its default'}) into /{guests.SAVE_DIR}, which is not encrypted: "
+        "a guest luksvm could not stop leaves its decrypted memory on disk",
+        fix=f"set ON_SHUTDOWN=shutdown in {where} (luksvm stops its guests before "
+        "libvirt-guests runs)",
+    )
+
+
 # --- LVM: the guest VG leak and lvmetad -----------------------------------------------------------
 
 
@@ -1172,8 +1326,61 @@ def _keyfile_at_rest(host: Host, volume: Volume, path: str) -> Finding:
     )
 
 
-@check("discard", "discards reach the disks: host filesystems by fstrim.timer")
+@check("discard", "discards reach the disks: each guest disk's chain, host filesystems")
 def discard(host: Host) -> Iterator[Finding]:
+    yield from _discard_chains(host)
+    yield from _fstrim_timer(host)
+
+
+def _discard_chains(host: Host) -> Iterator[Finding]:
+    """trim's check of every link, guest disk → dm-crypt → backing device, for each guest volume."""
+    cfg = host.config
+    if not cfg.guests or not host.libvirt_reachable:
+        return
+    try:
+        domains = host.domains()
+    except LuksvmError:
+        return  # the guests check says why
+    probe = trim.Probe(
+        header_flags=lambda device: _header_flags(host, device),
+        mapping=trim.HOST.mapping,
+        stack=trim.HOST.stack if host.live else lambda device: [],
+    )
+    pairs = [
+        (guest.name, volume)
+        for guest in cfg.guests
+        if domains[guest.name].defined
+        for volume in cfg.volumes_of(guest.name)
+    ]
+
+    def chain(pair: tuple[str, Volume]) -> trim.DiskChain:
+        guest, volume = pair
+        return trim.check_chain(guest, volume, trim.domain_disks(domains[guest].xml), probe)
+
+    for (guest, volume), result in zip(pairs, host.each(chain, pairs)):
+        broken = result.broken
+        if broken is not None:
+            yield Finding.warn(
+                volume.name,
+                f"guest {guest}'s discards stop at {broken.name}: {broken.detail}",
+                fix=broken.fix,
+            )
+        elif any(link.ok is None for link in result.links):
+            unknown = next(link for link in result.links if link.ok is None)
+            yield Finding.skip(volume.name, f"{unknown.name}: {unknown.detail}")
+        else:
+            yield Finding.ok(volume.name, f"guest {guest}'s discards reach the disk")
+
+
+def _header_flags(host: Host, device: str) -> tuple[str, ...]:
+    volume = next(v for v in host.config.volumes if v.device == device)
+    try:
+        return host.header(volume).flags
+    except LuksvmError:
+        return ()
+
+
+def _fstrim_timer(host: Host) -> Iterator[Finding]:
     state = host.unit_files().get("fstrim.timer", "not installed")
     fix = "systemctl enable --now fstrim.timer"
     why = "the host's filesystems are not trimmed: SSDs slow down and thin pools do not shrink"

@@ -515,6 +515,32 @@ def start_directly(config: Config, names: Sequence[str]) -> None:
 # --- coexistence with libvirt's own autostart (`luksvm apply [--take-over]`) -------------------
 
 
+# libvirt-guests reads its settings from one of these (Debian; Fedora/RHEL); its own defaults
+# apply to whatever they leave unset.
+LIBVIRT_GUESTS_FILES = ("etc/default/libvirt-guests", "etc/sysconfig/libvirt-guests")
+LIBVIRT_GUESTS_DEFAULTS = {"ON_BOOT": "start", "ON_SHUTDOWN": "suspend"}
+
+
+def libvirt_guests_settings(config: Config) -> tuple[str, dict[str, str]]:
+    """(the file, its settings over libvirt-guests' defaults); the file is "" when none exists.
+    Shell assignments only (KEY=value, quotes stripped), as libvirt-guests.sh sources them."""
+    settings = dict(LIBVIRT_GUESTS_DEFAULTS)
+    for path in LIBVIRT_GUESTS_FILES:
+        full = _under(config, path)
+        try:
+            with open(full, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            match = re.fullmatch(r"\s*([A-Z_]+)=(.*?)\s*", line)
+            if match:
+                words = shlex.split(match.group(2), comments=True) or [""]
+                settings[match.group(1)] = words[0]
+        return "/" + path, settings
+    return "", settings
+
+
 def autostarting(config: Config, conn: virt.Connection) -> list[str]:
     """Configured guests whose libvirt autostart flag is set: libvirt would start them when the
     daemon starts, racing the unlock of their volumes."""

@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from luksvm.run import run
+from luksvm.run import CommandError, run
 
 TIMEOUT = 30
 
@@ -31,7 +31,11 @@ def unit_file_states(patterns: Sequence[str], root: str = "/") -> dict[str, str]
             *patterns,
         ],
         timeout=TIMEOUT,
+        check=False,
     )
+    # exit status 1 with "[]": no unit file matched, which is an answer too
+    if result.returncode not in (0, 1) or not result.stdout.lstrip().startswith("["):
+        raise CommandError(result.argv, result.returncode, result.stderr, "no unit-file list")
     return parse_unit_files(result.stdout)
 
 

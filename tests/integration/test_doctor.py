@@ -278,3 +278,40 @@ def test_sysfs_of_this_machine_loop_device_names_and_backing(
     # a loop device lies where its image file lies
     assert backing.encrypted == under.encrypted
     assert backing.description.startswith(f"{os.path.basename(loop)} ({image}) on ")
+
+
+def test_guests_against_the_libvirt_test_driver(tmp_path: Path) -> None:
+    from tests.integration.test_guests import domain_xml
+
+    root = tmp_path / "root"
+    root.mkdir()
+    node = root / "node.xml"
+    node.write_text(
+        "<node>"
+        + domain_xml("mail", ["/dev/mapper/cr_imap_encr", "/dev/mapper/cr_unmanaged"])
+        + domain_xml("db", ["/dev/disk/by-id/dm-name-cr_db"])
+        + "</node>"
+    )
+    write_config(
+        root,
+        {
+            "10.conf": "cr_imap_encr /dev/vg/imap - luks,x-luksvm.guest=mail\n"
+            "cr_spare /dev/vg/spare - luks,x-luksvm.guest=mail\n"
+            "cr_db /dev/vg/db - luks,x-luksvm.guest=db\n"
+            "cr_web /dev/vg/web - luks,x-luksvm.guest=web\n"
+        },
+        f"[libvirt]\nuri = test://{node}\n",
+    )
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["guests"]))
+    mail = [f for f in findings if f.subject == "mail"]
+    assert sorted(f.status for f in mail) == [FAIL, FAIL]
+    unmanaged = next(f for f in mail if "cr_unmanaged" in f.message)
+    assert unmanaged.message.startswith("disk vdb is /dev/mapper/cr_unmanaged, which luksvm does")
+    assert "x-luksvm.guest=mail" in unmanaged.fix
+    spare = next(f for f in mail if "cr_spare" in f.message)
+    assert "has no disk /dev/mapper/cr_spare" in spare.message
+    assert by(findings, "db") == Finding(
+        OK, "db", "defined; luksvm disks vda=cr_db", check="guests"
+    )  # a by-id dm-name source counts as the mapping
+    assert by(findings, "web").status == FAIL
+    assert "no libvirt domain web" in by(findings, "web").message

@@ -660,3 +660,85 @@ def test_fstrim_timer_disabled_warns(tmp_path: Path, commands: Commands) -> None
     commands.unit_files(str(tmp_path), fixture("list-unit-files-debian12.json"))
     (finding,) = run_check(Host(str(tmp_path)), "discard")
     assert finding.status == OK
+
+
+# --- guests and discard chains ------------------------------------------------------------------
+
+
+def domain(name: str, disks: dict[str, str]) -> str:
+    """Domain XML as libvirt returns it (XMLDesc), reduced to what the checks read."""
+    devices = "".join(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw'{extra}/>"
+        f"<source dev='{source}'/><target dev='{target}' bus='virtio'/></disk>"
+        for target, (source, extra) in (
+            (t, (s.split("|")[0], s.split("|")[1] if "|" in s else "")) for t, s in disks.items()
+        )
+    )
+    return f"<domain type='kvm'><name>{name}</name><devices>{devices}</devices></domain>"
+
+
+class LibvirtHost(FakeHost):
+    def __init__(self, root: str, facts: dict[str, doctor.DomainFacts], **kw: object) -> None:
+        super().__init__(root, **kw)  # type: ignore[arg-type]
+        self.facts = facts
+
+    @property
+    def libvirt_reachable(self) -> bool:
+        return True
+
+    def domains(self) -> dict[str, doctor.DomainFacts]:
+        return self.facts
+
+
+def test_autostart_and_libvirt_guests_suspending_to_plain_disk(
+    tmp_path: Path, commands: Commands
+) -> None:
+    root = seed(tmp_path, "cr_a /dev/a - luks,x-luksvm.guest=mail\n")
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/libvirt-guests").write_text(
+        "#ON_SHUTDOWN=shutdown\nSHUTDOWN_TIMEOUT=300\n"
+    )
+    commands.unit_files(
+        str(root), '[{"unit_file":"libvirt-guests.service","state":"enabled","preset":"enabled"}]'
+    )
+    facts = {
+        "mail": doctor.DomainFacts("mail", True, domain("mail", {"vda": "/dev/mapper/cr_a"}), True)
+    }
+    findings = run_check(LibvirtHost(str(root), facts), "guests")
+    autostart = next(f for f in findings if "autostart" in f.message)
+    assert (autostart.subject, autostart.status) == ("mail", WARN)
+    assert autostart.fix.startswith("luksvm apply --take-over")
+    suspend = by(findings, "libvirt-guests")
+    assert suspend.status == FAIL
+    assert "ON_SHUTDOWN=suspend, its default" not in suspend.message  # the file exists
+    assert suspend.fix == (
+        "set ON_SHUTDOWN=shutdown in /etc/default/libvirt-guests (luksvm stops its guests before "
+        "libvirt-guests runs)"
+    )
+
+    (root / "etc/default/libvirt-guests").write_text("ON_SHUTDOWN=shutdown\n")
+    assert by(run_check(LibvirtHost(str(root), facts), "guests"), "libvirt-guests").status == OK
+
+
+def test_a_guest_disk_without_discard_unmap_breaks_the_chain(
+    tmp_path: Path, commands: Commands
+) -> None:
+    a, b = device(tmp_path, "a"), device(tmp_path, "b")
+    commands.luks(a, "luksDump-luks2-one-slot.txt", "luksDump-luks2-one-slot.json")
+    commands.luks(b, "luksDump-luks2-one-slot.txt", "luksDump-luks2-one-slot.json")
+    for name in ("cr_a", "cr_b"):
+        commands.set(["cryptsetup", "status", name], f"/dev/mapper/{name} is inactive.\n", 4)
+    commands.unit_files(str(tmp_path / "root"), fixture("list-unit-files-debian12.json"))
+    root = seed(
+        tmp_path,
+        f"cr_a {a} - luks,discard,x-luksvm.guest=mail\ncr_b {b} - luks,x-luksvm.guest=mail\n",
+    )
+    xml = domain("mail", {"vda": "/dev/mapper/cr_a| discard='unmap'", "vdb": "/dev/mapper/cr_b"})
+    facts = {"mail": doctor.DomainFacts("mail", True, xml, False)}
+    findings = run_check(LibvirtHost(str(root), facts), "discard")
+    # cr_a: domain and dm-crypt pass; the backing device cannot be judged off the live host
+    assert by(findings, "cr_a").status == SKIP
+    assert by(findings, "cr_b").status == WARN
+    assert by(findings, "cr_b").message.startswith("guest mail's discards stop at domain disk: vdb")
+    assert "discard='unmap'" in by(findings, "cr_b").fix
+    assert by(findings, "fstrim.timer").status == OK

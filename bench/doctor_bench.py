@@ -3,7 +3,8 @@ wraps run one after another (what a shell script checking the same things would 
 
     .venv/bin/python bench/doctor_bench.py [--volumes 50] [--guests 20] [--runs 5]
 
-Image files are sparse LUKS2 containers with a fast KDF; nothing is opened or activated.
+Image files are sparse LUKS2 containers with a fast KDF; nothing is opened or activated. The
+guests are libvirt test-driver domains (test:///node.xml) with the volumes as their disks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def make_root(base: Path, volumes: int, guests: int) -> Path:
             f"cr_v{n:02d} {image} /etc/luksvm/keys/v{n:02d}.key luks,x-luksvm.guest={guest}"
         )
     (root / "etc/luksvm/crypttab.d/10-bench.conf").write_text("\n".join(lines) + "\n")
+    # the guests as libvirt's test driver serves them: each with its volumes as disks
+    domains = []
+    for g in range(guests):
+        disks = "".join(
+            f"<disk type='block' device='disk'><driver name='qemu' type='raw' discard='unmap'/>"
+            f"<source dev='/dev/mapper/cr_v{n:02d}'/><target dev='vd{chr(97 + i)}'/></disk>"
+            for i, n in enumerate(n for n in range(volumes) if n % guests == g)
+        )
+        domains.append(
+            f"<domain type='test'><name>g{g:02d}</name><memory>65536</memory>"
+            f"<os><type>hvm</type></os><devices>{disks}</devices></domain>"
+        )
+    node = base / "node.xml"
+    node.write_text("<node>" + "".join(domains) + "</node>")
+    (root / "etc/luksvm/luksvm.conf").write_text(f"[libvirt]\nuri = test://{node}\n")
     return root
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, NoReturn
 
 from luksvm import __version__, journal
-from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LuksvmError, UsageError
+from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
 
 log = logging.getLogger("luksvm")
 
@@ -184,6 +184,30 @@ def cmd_header_backup(args: argparse.Namespace) -> int:
     if any(o.changed for o in report.outcomes):
         print(f"note: {report.warning}")
     return EXIT_FAIL if report.failed else EXIT_OK
+
+
+def cmd_trim(args: argparse.Namespace) -> int:
+    from luksvm import config, trim, virt
+
+    cfg = config.load(args.root)
+    results = trim.trim_guests(cfg, args.guests, lambda: virt.connect(cfg.settings.uri))
+    if args.json:
+        print_json(trim.report(results))
+    else:
+        rows = [["GUEST", "TRIM", "DISCARD CHAIN"]]
+        for result in results:
+            broken = [(c.volume, c.broken) for c in result.disks if c.broken is not None]
+            chain = "; ".join(f"{v}: {link.name}: {link.detail}" for v, link in broken if link)
+            rows.append([result.guest, result.trim, chain or "ok"])
+        print_table(rows)
+        for result in results:
+            if result.detail:
+                print(f"{result.guest}: {result.detail}")
+            for disk in result.disks:
+                if disk.broken is not None and disk.broken.fix:
+                    print(f"{result.guest}/{disk.volume}: fix: {disk.broken.fix}")
+        print(f"note: {trim.HOST_NOTE}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_WARN
 
 
 def cmd_header_restore(args: argparse.Namespace) -> int:
@@ -361,6 +385,13 @@ def build_parser() -> Parser:
     )
     restore.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     restore.set_defaults(func=cmd_header_restore)
+
+    trim_parser = commands.add_parser(
+        "trim", help="fstrim inside running guests (guest agent) and check each discard chain"
+    )
+    trim_parser.add_argument("guests", nargs="*", metavar="GUEST", help="guests (default: all)")
+    trim_parser.add_argument("--json", action="store_true", help="print JSON")
+    trim_parser.set_defaults(func=cmd_trim)
 
     apply_parser = commands.add_parser(
         "apply",

@@ -82,6 +82,66 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_shrink_plan(args: argparse.Namespace) -> int:
+    from luksvm import shrink
+
+    shrink.check_size_syntax(args.to)
+    with shrink.session(args.lv, args.device, root=args.root) as (where, _key):
+        _layout, plan = shrink.plan_for(
+            where,
+            args.to,
+            margin_percent=args.margin,
+            backup_dir=shrink.default_backup_dir(where.vg, where.lv),
+        )
+    if args.json:
+        print_json(shrink.describe(plan))
+    else:
+        print(shrink.format_plan(plan))
+    return EXIT_OK
+
+
+def cmd_shrink_run(args: argparse.Namespace) -> int:
+    from luksvm import shrink
+    from luksvm.errors import UsageError
+
+    shrink.check_size_syntax(args.to)
+    if not args.dry_run and not args.yes_i_have_a_backup:
+        raise UsageError(
+            "shrink run changes every layer of the disk: back the data up, then pass "
+            "--yes-i-have-a-backup (or look first with --dry-run)"
+        )
+    with shrink.session(args.lv, args.device, root=args.root, need_key=not args.dry_run) as (
+        where,
+        key,
+    ):
+        backup_dir = args.backup_dir or shrink.default_backup_dir(where.vg, where.lv)
+        _layout, plan = shrink.plan_for(
+            where, args.to, margin_percent=args.margin, backup_dir=backup_dir
+        )
+        if args.dry_run:
+            for step in plan.steps:
+                print(shrink.command_line(step))
+            return EXIT_OK
+        print(shrink.format_plan(plan), flush=True)
+        if plan.nothing_to_do:
+            return EXIT_OK
+        print(flush=True)
+        shrink.run_plan(where, plan, key, backup_dir, lambda line: print(line, flush=True))
+    print(f"\n{where.vg}/{where.lv} is {plan.targets.lv_size:,} B; every check held")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from luksvm import apply, config
+
+    plan = apply.apply(config.load(args.root), dry_run=args.dry_run)
+    for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
+        print(line)
+    for line in apply.warnings(plan):
+        print(f"luksvm: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="luksvm",
@@ -101,6 +161,69 @@ def build_parser() -> Parser:
     check = config_commands.add_parser("check", help="validate and show volumes and guests")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_config_check)
+
+    apply_parser = commands.add_parser(
+        "apply",
+        help="write the systemd units the configuration asks for",
+        description="Write the drop-ins and luksvm.target links under ROOT/etc/systemd/system, "
+        "remove those an earlier apply wrote that the configuration no longer asks for, and "
+        "reload systemd.",
+    )
+    apply_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
+    apply_parser.add_argument("--diff", action="store_true", help="show unified diffs")
+    apply_parser.set_defaults(func=cmd_apply)
+
+    shrink_parser = commands.add_parser(
+        "shrink", help="shrink an LV and every layer below it (LVM on LUKS) exactly"
+    )
+    shrink_commands = shrink_parser.add_subparsers(dest="shrink_command", metavar="ACTION")
+    shrink_commands.required = True
+    for name, func, help_text in (
+        ("plan", cmd_shrink_plan, "show the exact steps, sizes and checks; change nothing"),
+        ("run", cmd_shrink_run, "carry the plan out step by step, checking after each"),
+    ):
+        sub = shrink_commands.add_parser(name, help=help_text)
+        sub.add_argument("--lv", required=True, metavar="VG/LV", help="the LV to shrink")
+        sub.add_argument(
+            "--to",
+            required=True,
+            metavar="SIZE",
+            help="new LV size with its unit: 60GiB, 64424509440B, 125829120s, 15360e (extents)",
+        )
+        sub.add_argument(
+            "--device",
+            metavar="DEV",
+            help="the LUKS container (partition or host LV) or its open mapping; "
+            "default: found from the VG's PV",
+        )
+        sub.add_argument(
+            "--margin",
+            type=int,
+            default=25,
+            metavar="PERCENT",
+            help="free space kept above resize2fs's minimum, as a share of the used space "
+            "(default 25)",
+        )
+        if name == "plan":
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            sub.add_argument(
+                "--yes-i-have-a-backup",
+                action="store_true",
+                help="required: the run rewrites the partition table or host LV",
+            )
+            sub.add_argument(
+                "--dry-run", action="store_true", help="print the commands it would run"
+            )
+            sub.add_argument(
+                "--backup-dir",
+                metavar="DIR",
+                help="where the LUKS header, LVM metadata, plan and step log go "
+                "(default /var/lib/luksvm/shrink/VG-LV-TIME)",
+            )
+        sub.set_defaults(func=func)
 
     return parser
 

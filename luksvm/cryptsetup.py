@@ -165,3 +165,17 @@ def header_backup(device: str, path: str) -> None:
         ["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", path],
         timeout=TIMEOUT,
     )
+
+
+def open_with_key(device: str, name: str, key: bytes) -> None:
+    """Open the LUKS `device` as /dev/mapper/NAME, the key on stdin."""
+    run(
+        ["cryptsetup", "open", "--type", "luks", "--key-file=-", device, name],
+        stdin=key,
+        secret=True,
+        timeout=KEY_TIMEOUT,
+    )
+
+
+def close_mapping(name: str) -> None:
+    run(["cryptsetup", "close", name], timeout=TIMEOUT)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, NoReturn
 
 from luksvm import __version__, journal
-from luksvm.errors import EXIT_OK, EXIT_USAGE, LuksvmError
+from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LuksvmError, UsageError
 
 log = logging.getLogger("luksvm")
 
@@ -79,6 +80,71 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             ]
         )
     print(f"\nconfiguration valid: {len(volumes)} volumes, {len(guests)} guests")
+    return EXIT_OK
+
+
+def cmd_header_backup(args: argparse.Namespace) -> int:
+    from luksvm import backup, config
+
+    cfg = config.load(args.root)
+    prune_before = backup.parse_date(args.prune_before) if args.prune_before else None
+    report = backup.backup_headers(cfg, args.names, prune_before=prune_before, dry_run=args.dry_run)
+    if args.json:
+        print_json(report.as_dict())
+        return EXIT_FAIL if report.failed else EXIT_OK
+    if args.dry_run:
+        for outcome in report.outcomes:
+            if outcome.error:
+                continue
+            if not outcome.commands:
+                print(f"# {outcome.volume}: header unchanged since the newest backup")
+            for argv in outcome.commands:
+                print(shlex.join(argv))
+        return EXIT_FAIL if report.failed else EXIT_OK
+    print_table(
+        [["VOLUME", "STATUS", "FILE", "SIZE", "UUID"]]
+        + [
+            [
+                o.volume,
+                "FAILED" if o.error else ("written" if o.changed else "unchanged"),
+                o.file or "-",
+                str(o.size) if o.file else "-",
+                o.uuid or "-",
+            ]
+            for o in report.outcomes
+        ]
+    )
+    for outcome in report.outcomes:
+        for path in outcome.removed:
+            print(f"removed {path}")
+    if any(o.changed for o in report.outcomes):
+        print(f"note: {report.warning}")
+    return EXIT_FAIL if report.failed else EXIT_OK
+
+
+def cmd_header_restore(args: argparse.Namespace) -> int:
+    from luksvm import backup, config
+
+    cfg = config.load(args.root)
+    plan = backup.plan_restore(
+        cfg,
+        args.name,
+        args.from_file,
+        device=args.device,
+        force_uuid_mismatch=args.force_uuid_mismatch,
+    )
+    for line in plan.describe():
+        print(line)
+    if args.dry_run:
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "header-restore asks for the mapping name on a terminal; or pass --yes"
+            )
+        backup.confirm(plan.volume.name, plan.device)
+    saved = backup.restore_header(plan, cfg)
+    print(f"restored the header of {plan.device}; the previous one is in {saved}")
     return EXIT_OK
 
 
@@ -161,6 +227,42 @@ def build_parser() -> Parser:
     check = config_commands.add_parser("check", help="validate and show volumes and guests")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_config_check)
+
+    backup_parser = commands.add_parser(
+        "header-backup",
+        help="back up the LUKS headers of the volumes (verified, deduplicated, rotated)",
+    )
+    backup_parser.add_argument("names", nargs="*", metavar="NAME", help="volumes (default: all)")
+    backup_parser.add_argument("--json", action="store_true", help="print JSON")
+    backup_parser.add_argument(
+        "--prune-before",
+        metavar="DATE",
+        help="also delete backups created before DATE (now, 2024-05-01, 2024-05-01T12:00Z), "
+        "except the newest: they keep removed passphrases valid",
+    )
+    backup_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be written and deleted"
+    )
+    backup_parser.set_defaults(func=cmd_header_backup)
+
+    restore = commands.add_parser(
+        "header-restore", help="restore a volume's LUKS header from a backup (volume locked)"
+    )
+    restore.add_argument("name", metavar="NAME", help="the volume (mapping name)")
+    restore.add_argument(
+        "--from", dest="from_file", required=True, metavar="FILE", help="the header backup"
+    )
+    restore.add_argument(
+        "--device", metavar="DEV", help="the LUKS device, when its configured source is gone"
+    )
+    restore.add_argument("--yes", action="store_true", help="do not ask for the mapping name")
+    restore.add_argument(
+        "--force-uuid-mismatch",
+        action="store_true",
+        help="restore a backup whose UUID does not match the volume",
+    )
+    restore.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    restore.set_defaults(func=cmd_header_restore)
 
     apply_parser = commands.add_parser(
         "apply",

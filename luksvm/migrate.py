@@ -15,6 +15,7 @@ called through `Services`, never done again here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -26,16 +27,17 @@ import re
 import shlex
 import stat
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from luksvm import config, cryptsetup, lvm, qemuimg
 from luksvm.config import Config, Volume
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import CommandError, run, stream
-from luksvm.sizes import GiB, MiB, SECTOR, human, round_up
+from luksvm.sizes import SECTOR, GiB, MiB, human, round_up
 
 log = logging.getLogger("luksvm.migrate")
 
@@ -110,8 +112,9 @@ def _keep_prefixes(xml: str) -> None:
     """Make ElementTree write the document's own namespace prefixes (libosinfo:, …) back."""
     import io
 
-    for _event, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
-        if prefix and not prefix.startswith("ns"):
+    for _event, item in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
+        prefix, uri = (str(x) for x in item)  # start-ns events carry (prefix, uri)
+        if prefix and not re.match(r"ns\d+$", prefix):
             ET.register_namespace(prefix, uri)
 
 
@@ -324,7 +327,9 @@ class Step:
         return self.commands[0] if self.commands else ()
 
 
-def sample_offsets(size: int, windows: int = SAMPLE_WINDOWS, window: int = SAMPLE_WINDOW) -> list[int]:
+def sample_offsets(
+    size: int, windows: int = SAMPLE_WINDOWS, window: int = SAMPLE_WINDOW
+) -> list[int]:
     """Start offsets of the windows --verify=sample compares: the first and last window and the
     rest evenly between, 512-aligned (qemu's raw driver takes only whole sectors)."""
     if size <= windows * window:
@@ -457,7 +462,9 @@ def format_plan(steps: Sequence[Step]) -> list[str]:
         lines.append(f"{number:2}. {step.what}")
         shown = step.commands if len(step.commands) <= 2 else step.commands[:1]
         for argv in shown:
-            lines.append("      " + shlex.join(argv) + ("   < key on stdin" if step.secret_stdin else ""))
+            lines.append(
+                "      " + shlex.join(argv) + ("   < key on stdin" if step.secret_stdin else "")
+            )
         if len(step.commands) > len(shown):
             lines.append(f"      … and {len(step.commands) - 1} more windows like it")
     return lines
@@ -507,7 +514,9 @@ class Situation:
     source_real: str
 
 
-def refusals(request: Request, situation: Situation, size: int | None, *, shutdown: bool) -> list[str]:
+def refusals(
+    request: Request, situation: Situation, size: int | None, *, shutdown: bool
+) -> list[str]:
     """Why a new migration must not start (empty: it may). size: the planned LV size, if known."""
     s, r = situation, request
     out: list[str] = []
@@ -549,16 +558,16 @@ def refusals(request: Request, situation: Situation, size: int | None, *, shutdo
             "free space first (vgextend, or another VG)"
         )
     if s.lv_exists:
-        out.append(
-            f"LV {r.vg}/{r.lv} exists already; name a new LV (luksvm never writes over one)"
-        )
+        out.append(f"LV {r.vg}/{r.lv} exists already; name a new LV (luksvm never writes over one)")
     if s.mapping_exists:
         out.append(f"{r.mapping_path} exists already; choose another --name")
     for volume in s.config_volumes:
         if volume.name == r.mapping:
             out.append(f"mapping name {r.mapping} is configured already ({volume.where})")
         elif s.lv_device and os.path.realpath(volume.device) in (s.lv_device, r.lv_path):
-            out.append(f"{r.lv_path} is the source of configured volume {volume.name} ({volume.where})")
+            out.append(
+                f"{r.lv_path} is the source of configured volume {volume.name} ({volume.where})"
+            )
     if s.source_real and s.source_real == s.lv_device:
         out.append(f"{d.source} is {r.lv_path} itself")
     return out
@@ -598,8 +607,8 @@ class LibvirtDomains:
     SECURE a redefine would drop VNC/SPICE passwords. TODO(lead): once virt.py (branch guests) is
     in main, move defined_xml/define into virt.Domain/Connection so they get its call deadlines."""
 
-    STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: SHUT_OFF,
-              6: "crashed", 7: "pmsuspended"}  # fmt: skip
+    STATES: ClassVar[dict[int, str]] = {0: "nostate", 1: "running", 2: "blocked", 3: "paused",
+        4: "shutdown", 5: SHUT_OFF, 6: "crashed", 7: "pmsuspended"}  # fmt: skip
 
     def __init__(self, uri: str) -> None:
         import libvirt
@@ -641,10 +650,8 @@ class LibvirtDomains:
         self._call("define the domain", self._conn.defineXML, xml)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(self._libvirt.libvirtError):
             self._conn.close()
-        except self._libvirt.libvirtError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -682,6 +689,7 @@ class State:
     request: Request
     source: SourceDisk
     size: int
+    extent_size: int
     done: list[str] = field(default_factory=list)
     started: str = field(default_factory=_now)
     finished: str = ""
@@ -703,6 +711,7 @@ class State:
             "request": self.request.as_dict(),
             "source": dataclasses.asdict(self.source),
             "size": self.size,
+            "extent_size": self.extent_size,
             "done": self.done,
             "started": self.started,
             "finished": self.finished,
@@ -724,6 +733,7 @@ class State:
                 Request.from_dict(data["request"]),
                 SourceDisk(**data["source"]),
                 int(data["size"]),
+                int(data["extent_size"]),
                 list(data["done"]),
                 str(data["started"]),
                 str(data.get("finished", "")),
@@ -748,7 +758,9 @@ def states_of(root: str, guest: str) -> list[State]:
     found = [
         State.load(os.path.join(directory, n))
         for n in sorted(names)
-        if n.startswith(guest + ".") and n.endswith(".json") and n.count(".") == guest.count(".") + 2
+        if n.startswith(guest + ".")
+        and n.endswith(".json")
+        and n.count(".") == guest.count(".") + 2
     ]
     return sorted((s for s in found if s.request.guest == guest), key=lambda s: s.started)
 
@@ -850,14 +862,16 @@ class Context:
     services: Services
     out: Callable[[str], None]
     tty: bool = False
-    clock: Callable[[], float] = field(default_factory=lambda: __import__("time").monotonic)
+    clock: Callable[[], float] = time.monotonic
 
 
 def survey(request: Request, ctx: Context, disk: DomainDisk) -> Situation:
     """Read everything the preconditions are judged on. Reads; changes nothing."""
-    rows = lvm.report("vgs", ["vg_name", "vg_extent_size", "vg_free"], [request.vg]) if _vg_exists(
-        request.vg
-    ) else []
+    rows = (
+        lvm.report("vgs", ["vg_name", "vg_extent_size", "vg_free"], [request.vg])
+        if _vg_exists(request.vg)
+        else []
+    )
     vg = rows[0] if rows else {}
     lv_rows = lvm.report("lvs", ["lv_name"], [request.vg]) if vg else []
     kind = source_kind(disk.source) if disk.source else "missing"
@@ -923,9 +937,12 @@ def migrate(
         if state is None:
             return
     else:
-        ctx.out(f"resuming the migration recorded in {path} (done: {', '.join(state.done) or 'nothing'})")
+        ctx.out(
+            f"resuming the migration recorded in {path} "
+            f"(done: {', '.join(state.done) or 'nothing'})"
+        )
         if dry_run:
-            steps = plan(request, state.source, 1)
+            steps = plan(request, state.source, state.extent_size)
             ctx.out("\n".join(format_plan([s for s in steps if s.name not in state.done])))
             return
         _check_resumable(state, ctx, shutdown=shutdown)
@@ -964,7 +981,7 @@ def _begin(
         ctx.out(f"stopping guest {request.guest}")
         ctx.services.stop_guest(ctx.config, request.guest)
         _require_shut_off(request, ctx)
-    state = State(path, request, source, size)
+    state = State(path, request, source, size, situation.extent_size)
     state.save()
     return state
 
@@ -1002,7 +1019,7 @@ def _check_resumable(state: State, ctx: Context, *, shutdown: bool) -> None:
 
 def _run(state: State, ctx: Context) -> None:
     request = state.request
-    steps = {step.name: step for step in plan(request, state.source, 1)}
+    steps = {step.name: step for step in plan(request, state.source, state.extent_size)}
     key: bytes | None = None
 
     def need_key() -> bytes:
@@ -1167,7 +1184,9 @@ def _closing(state: State, ctx: Context) -> None:
         f"Start the guest: systemctl start luksvm-guest@{request.guest}.service "
         f"(or virsh start {request.guest})."
     )
-    ctx.out(f"Undo: luksvm migrate --rollback {request.guest} (previous XML: {state.previous_xml_path})")
+    ctx.out(
+        f"Undo: luksvm migrate --rollback {request.guest} (previous XML: {state.previous_xml_path})"
+    )
     ctx.out(f"The old disk {source.path} is untouched and no longer used. {delete_hint(source)}")
 
 
@@ -1217,7 +1236,9 @@ def obtain_key(request: Request, ctx: Context, *, new: bool) -> bytes:
             raise UsageError("the two passphrases differ; nothing was changed")
         key = first.encode("utf-8")
     if not new and not cryptsetup.test_passphrase(request.lv_path, key):
-        raise LuksvmError(f"the key for {request.mapping} opens none of {request.lv_path}'s keyslots")
+        raise LuksvmError(
+            f"the key for {request.mapping} opens none of {request.lv_path}'s keyslots"
+        )
     return key
 
 
@@ -1287,7 +1308,12 @@ def rollback(guest: str, disk: str | None, ctx: Context, *, dry_run: bool = Fals
     stamp = _now().replace(":", "")
     for path in (state.path, state.previous_xml_path, state.defined_xml_path):
         if os.path.exists(path):
-            os.replace(path, path.replace(f"{guest}.{request.disk}.", f"{guest}.{request.disk}.rolled-back-{stamp}.", 1))
+            os.replace(
+                path,
+                path.replace(
+                    f"{guest}.{request.disk}.", f"{guest}.{request.disk}.rolled-back-{stamp}.", 1
+                ),
+            )
     ctx.out(
         f"rolled back: {guest} uses {state.source.path} again. {request.lv_path} is kept "
         f"(LUKS, {request.mapping} locked); delete it when sure: lvremove {request.vg}/{request.lv}"
@@ -1313,3 +1339,81 @@ def _check_unchanged_since(state: State, current: str) -> None:
 def describe_states(root: str, guest: str) -> Iterator[str]:
     for state in states_of(root, guest):
         yield f"{state.request.disk}: {', '.join(state.done)}"
+
+
+# --- wiring: the rest of luksvm --------------------------------------------------------------
+
+
+def backup_header(cfg: Config, name: str) -> str:
+    from luksvm import backup
+
+    report = backup.backup_headers(cfg, [name])
+    outcome = report.outcomes[0]
+    if outcome.error:
+        raise LuksvmError(f"header backup of {name} failed: {outcome.error}")
+    return f"header backup: {outcome.file}"
+
+
+def adopt(cfg: Config, name: str) -> None:
+    """Start the volume's unlock unit: it finds the mapping open (no prompt), and from then on
+    owns it, so the mapping is locked at shutdown. Without systemd there is no unit to start."""
+    from luksvm import apply, units
+
+    if apply.systemd_running(cfg.root):
+        run(["systemctl", "start", units.unlock_unit(name)], timeout=120)
+
+
+def _not_wired(what: str) -> Callable[..., Any]:
+    def refuse(*_args: Any) -> Any:
+        raise LuksvmError(f"{what} is not part of this luksvm build")
+
+    return refuse
+
+
+def default_services() -> Services:
+    """The real implementations. TODO(lead): wire the parts still on other branches —
+    stop_guest → guests.stop_guest(cfg, name, guests.connector(cfg)) (branch guests);
+    lock_volume → unlock.lock(cfg, [cfg.volume(name)], from_unit=False, dry_run=False), after
+      guests.stop_through_units(cfg, [guest]) if its guest unit is active (branch storage);
+    check_keyfile → keys.check_keyfile; keyring_secret → keys.keyring_secret(volume,
+      cfg.settings) (branch storage);
+    doctor → doctor.format_report(*…) of doctor.doctor(root) (branch doctor)."""
+    from luksvm import apply
+
+    def apply_config(cfg: Config) -> list[str]:
+        result = apply.apply(cfg)
+        return [*apply.describe(result, dry_run=False, diff=False), *apply.warnings(result)]
+
+    return Services(
+        stop_guest=_not_wired("stopping a guest (--shutdown); shut it off: virsh shutdown GUEST"),
+        lock_volume=_lock_by_closing,
+        adopt=adopt,
+        backup_header=backup_header,
+        doctor=lambda _root: "(doctor is not part of this build)",
+        apply=apply_config,
+        check_keyfile=_check_keyfile,
+        keyring_secret=_not_wired("reading keyring: keys"),
+    )
+
+
+def _lock_by_closing(cfg: Config, name: str) -> None:
+    """Stand-in for unlock.lock until branch storage is in main: stop the unit, or close."""
+    from luksvm import apply, units
+
+    if apply.systemd_running(cfg.root):
+        run(["systemctl", "stop", units.unlock_unit(name)], timeout=120)
+    if cryptsetup.status(name).active:
+        cryptsetup.close_mapping(name)
+
+
+def _check_keyfile(volume: str, path: str) -> None:
+    """Stand-in for keys.check_keyfile until branch storage is in main."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise LuksvmError(f"{volume}: keyfile {path}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o077:
+        raise LuksvmError(
+            f"{volume}: keyfile {path} must be a regular file owned by root with mode 0400 "
+            f"(fix: chown root:root {path}; chmod 0400 {path})"
+        )

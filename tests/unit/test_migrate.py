@@ -345,7 +345,7 @@ def test_mapping_name_or_lv_configured_already_is_refused() -> None:
             (),
             (),
             where,
-        ),  # fmt: skip
+        ),
         Volume(
             "cr_other",
             "/dev/volgrp4/lvimap_hd0",
@@ -354,7 +354,7 @@ def test_mapping_name_or_lv_configured_already_is_refused() -> None:
             (),
             (),
             where,
-        ),  # fmt: skip
+        ),
     )
     found = migrate.refusals(
         request(), situation(config_volumes=volumes, lv_device="/dev/dm-9"), GiB, shutdown=False
@@ -381,7 +381,7 @@ def test_fragment_is_one_volume_with_its_guest_and_key() -> None:
 
 
 def test_bad_key_spec_and_names_are_usage_errors() -> None:
-    with pytest.raises(UsageError, match='--key "keys/imap.key" is a relative path'):
+    with pytest.raises(UsageError, match=r'--key "keys/imap\.key" is a relative path'):
         migrate.fragment_volume(request(key="keys/imap.key"))
     with pytest.raises(UsageError, match="--luks-type 'luks3'"):
         request(luks_type="luks3")

@@ -333,27 +333,29 @@ def sample_offsets(
     """Start offsets of the windows --verify=sample compares: the first and last window and the
     rest evenly between, 512-aligned (qemu's raw driver takes only whole sectors)."""
     if size <= windows * window:
-        return [0]
+        return list(range(0, size, window))  # a small disk: every window, the whole disk
     last = (size - window) // SECTOR * SECTOR
     return sorted({i * last // (windows - 1) // SECTOR * SECTOR for i in range(windows)})
 
 
-def verify_commands(request: Request, source: SourceDisk) -> tuple[tuple[str, ...], ...]:
-    """qemu-img compare of the first virtual_size bytes of the mapping only: the rest of the LV
-    (rounding to whole extents) holds decrypted noise, not zeros, and belongs to no one."""
+def verify_commands(
+    request: Request, source: SourceDisk, scratch: str = ""
+) -> tuple[tuple[str, ...], ...]:
+    """full: one qemu-img compare of the whole disk against the first virtual_size bytes of the
+    mapping (the rest of the LV, rounding to whole extents, holds decrypted noise and belongs
+    to no one). sample: qemu-img dd of each window into `scratch`, which luksvm then compares
+    with the same bytes of the mapping."""
     size = source.virtual_size
     if request.verify == "full":
         return (
             qemuimg.compare_argv(
-                qemuimg.window(source.path, source.format, 0, size),
-                qemuimg.window(request.mapping_path, "raw", 0, size),
+                source.path, source.format, qemuimg.raw_head(request.mapping_path, size)
             ),
         )
+    scratch = scratch or os.path.join("/", STATE_DIR, f"{request.guest}.{request.disk}.sample")
     return tuple(
-        qemuimg.compare_argv(
-            qemuimg.window(source.path, source.format, offset, min(SAMPLE_WINDOW, size - offset)),
-            qemuimg.window(request.mapping_path, "raw", offset, min(SAMPLE_WINDOW, size - offset)),
-            progress=False,
+        qemuimg.dd_argv(
+            source.path, source.format, offset, min(SAMPLE_WINDOW, size - offset), scratch
         )
         for offset in sample_offsets(size)
     )
@@ -1115,27 +1117,47 @@ def _check_mapping_size(state: State) -> None:
 def _verify(step: Step, state: State, ctx: Context) -> None:
     request = state.request
     size = state.source.virtual_size
-    offsets = [0] if request.verify == "full" else sample_offsets(size)
-    progress = Progress("compared", size, ctx.out, tty=ctx.tty, clock=ctx.clock)
-    for offset, argv in zip(offsets, step.commands):
+    if request.verify == "full":
         try:
-            if request.verify == "full":
-                stream(argv, timeout=COPY_TIMEOUT, on_output=progress)
-            else:
-                run(argv, timeout=qemuimg.TIMEOUT)
+            stream(step.argv, timeout=COPY_TIMEOUT, on_output=Progress(
+                "compared", size, ctx.out, tty=ctx.tty, clock=ctx.clock))  # fmt: skip
         except CommandError as error:
-            where = re.search(r"mismatch at offset (\d+)", error.stderr_tail + str(error))
-            if error.returncode == 1:
-                at = f" at byte {offset + int(where.group(1)):,}" if where else ""
-                raise LuksvmError(
-                    f"the copy on {request.mapping_path} differs from {state.source.path}{at}; "
-                    "the domain still uses the old disk. Run the same command again to copy "
-                    f"again, or roll back: luksvm migrate --rollback {request.guest}"
-                ) from None
-            raise
-    ctx.out(
-        f"verified: {'all' if request.verify == 'full' else f'{len(offsets)} windows of'} "
-        f"{human(size) if request.verify == 'full' else human(SAMPLE_WINDOW)} identical"
+            if error.returncode != 1:
+                raise
+            where = re.search(r"mismatch at offset (\d+)", error.stdout_tail + error.stderr_tail)
+            _differs(state, int(where.group(1)) if where else None)
+        ctx.out(f"verified: all {human(size)} identical")
+        return
+    scratch = state.stem + ".sample"
+    offsets = sample_offsets(size)
+    try:
+        with open(request.mapping_path, "rb") as mapping:
+            for offset, argv in zip(offsets, verify_commands(request, state.source, scratch)):
+                run(argv, timeout=qemuimg.TIMEOUT)
+                with open(scratch, "rb") as f:
+                    expected = f.read()
+                if len(expected) != min(SAMPLE_WINDOW, size - offset):
+                    raise LuksvmError(
+                        f"{shlex.join(argv)} read {len(expected):,} bytes, not a window of "
+                        f"{min(SAMPLE_WINDOW, size - offset):,}; nothing was changed"
+                    )
+                got = os.pread(mapping.fileno(), len(expected), offset)
+                if got != expected:
+                    first = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+                    _differs(state, offset + first)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    ctx.out(f"verified: {len(offsets)} windows of {human(SAMPLE_WINDOW)} identical")
+
+
+def _differs(state: State, at: int | None) -> None:
+    request = state.request
+    where = f" at byte {at:,}" if at is not None else ""
+    raise LuksvmError(
+        f"the copy on {request.mapping_path} differs from {state.source.path}{where}; the "
+        "domain still uses the old disk. Run the same command again to copy again, or roll "
+        f"back: luksvm migrate --rollback {request.guest}"
     )
 
 

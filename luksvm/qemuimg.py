@@ -51,18 +51,13 @@ def protocol(path: str) -> dict[str, object]:
     return {"driver": driver, "filename": path}
 
 
-def window(path: str, fmt: str, offset: int, size: int) -> str:
-    """A `json:` image of `size` bytes of what the guest sees at `offset` of the disk at `path`.
-
-    A raw node over the format node: qemu's raw driver takes offset and size (multiples of 512),
-    and over a qcow2 node it reads guest-visible data. Used to compare only the first
-    source-size bytes of a mapping whose tail (extent rounding) holds decrypted noise."""
-    inner: dict[str, object] = protocol(path)
-    if fmt != "raw":
-        inner = {"driver": fmt, "file": inner}
-    spec: dict[str, object] = {"driver": "raw", "file": inner, "size": size}
-    if offset:
-        spec["offset"] = offset
+def raw_head(path: str, size: int) -> str:
+    """A `json:` raw image of the first `size` bytes (a multiple of 512) of the device or file at
+    `path`: compares only the first source-size bytes of a mapping whose tail (extent rounding)
+    holds decrypted noise. Only for raw data: qemu-img compare judges a qcow2 node wrapped like
+    this by its top layer's allocation alone, and calls data in a backing file a mismatch
+    (measured with qemu-img 7.2)."""
+    spec = {"driver": "raw", "file": protocol(path), "size": size}
     return "json:" + json.dumps(spec, separators=(",", ":"))
 
 
@@ -90,9 +85,30 @@ def convert_argv(source: str, fmt: str, target: str) -> tuple[str, ...]:
     )
 
 
-def compare_argv(source: str, target: str, *, progress: bool = True) -> tuple[str, ...]:
-    """Compare two `json:` windows byte for byte (exit 0 identical, 1 different)."""
-    return ("qemu-img", "compare", *(("-p",) if progress else ()), source, target)
+def compare_argv(source: str, fmt: str, target: str) -> tuple[str, ...]:
+    """Compare the guest-visible disk with `target` (a raw_head spec) byte for byte, one pass:
+    exit 0 identical, 1 different (the offset on stdout), 2 error."""
+    return ("qemu-img", "compare", "-p", "-f", fmt, source, target)
+
+
+def dd_argv(source: str, fmt: str, offset: int, size: int, out: str) -> tuple[str, ...]:
+    """Extract `size` bytes at `offset` (multiples of 512) of the guest-visible disk into `out`.
+
+    qemu-img dd counts the skipped blocks in `count` (measured with 7.2: skip=2048 count=2048
+    copies nothing and fails), so count is where the window ends, not its length."""
+    return (
+        "qemu-img",
+        "dd",
+        "-f",
+        fmt,
+        "-O",
+        "raw",
+        "bs=512",
+        f"skip={offset // 512}",
+        f"count={(offset + size) // 512}",
+        f"if={source}",
+        f"of={out}",
+    )
 
 
 def progress_fraction(text: str) -> float | None:

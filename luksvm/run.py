@@ -34,10 +34,13 @@ class Result:
 class CommandError(LuksvmError):
     """A command failed, timed out or does not exist. Carries argv, exit code and stderr's tail."""
 
-    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, why: str) -> None:
+    def __init__(
+        self, argv: Sequence[str], returncode: int | None, stderr: str, why: str, stdout: str = ""
+    ) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stderr_tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+        self.stdout_tail = "\n".join(stdout.strip().splitlines()[-STDERR_TAIL_LINES:])
         message = f"{shlex.join(self.argv)}: {why}"
         if self.stderr_tail:
             message += ": " + self.stderr_tail
@@ -108,7 +111,9 @@ def run(
     )
     log.debug("exit %d: %s", proc.returncode, argv[0])
     if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, result.stderr, f"exit status {proc.returncode}")
+        raise CommandError(
+            argv, proc.returncode, result.stderr, f"exit status {proc.returncode}", result.stdout
+        )
     return result
 
 
@@ -194,5 +199,5 @@ def stream(
     result = Result(argv, returncode, "\n".join(out), stderr)
     log.debug("exit %d: %s", returncode, argv[0])
     if check and returncode != 0:
-        raise CommandError(argv, returncode, stderr, f"exit status {returncode}")
+        raise CommandError(argv, returncode, stderr, f"exit status {returncode}", result.stdout)
     return result

@@ -203,17 +203,11 @@ def test_plan_commands_are_exact() -> None:
         source.path, "/dev/mapper/cr_imap_encr",
     )  # fmt: skip
     (verify,) = steps["verify"].commands
-    assert verify[:3] == ("qemu-img", "compare", "-p")
-    src, dst = (json.loads(arg[len("json:") :]) for arg in verify[3:])
-    assert src == {
+    assert verify[:6] == ("qemu-img", "compare", "-p", "-f", "qcow2", source.path)
+    assert json.loads(verify[6][len("json:") :]) == {
         "driver": "raw",
-        "size": 20 * GiB,
-        "file": {"driver": "qcow2", "file": {"driver": "file", "filename": source.path}},
-    }
-    assert dst == {
-        "driver": "raw",
-        "size": 20 * GiB,
         "file": {"driver": "host_device", "filename": "/dev/mapper/cr_imap_encr"},
+        "size": 20 * GiB,
     }
     for name in ("check-header", "redefine", "configure", "adopt", "header-backup"):
         assert steps[name].commands == ()
@@ -246,11 +240,17 @@ def test_sampled_verify_compares_spread_windows_of_the_first_source_size_bytes()
     assert offsets[0] == 0 and offsets[-1] == (size - MiB) // 512 * 512
     assert all(o % 512 == 0 for o in offsets)
     r = request(verify="sample")
-    commands = migrate.verify_commands(r, SourceDisk("/a.img", "raw", False, size))
-    last = json.loads(commands[-1][-1][len("json:") :])
-    assert last["offset"] + last["size"] <= size
-    assert "-p" not in commands[0]
-    assert migrate.sample_offsets(64 * MiB) == [0]  # small disks: one window, the whole disk
+    commands = migrate.verify_commands(r, SourceDisk("/a.qcow2", "qcow2", False, size), "/s")
+    assert len(commands) == migrate.SAMPLE_WINDOWS
+    assert commands[0] == (
+        "qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=512", "skip=0", "count=2048",
+        "if=/a.qcow2", "of=/s",
+    )  # fmt: skip
+    # qemu-img dd's count includes the skipped blocks: it is where the window ends
+    assert commands[-1][7:9] == (f"skip={offsets[-1] // 512}", f"count={offsets[-1] // 512 + 2048}")
+    assert offsets[-1] + MiB <= size
+    # small disks: every window, so the whole disk is compared
+    assert migrate.sample_offsets(3 * MiB + 512) == [0, MiB, 2 * MiB, 3 * MiB]
 
 
 def test_dry_run_listing_shows_every_step_and_its_commands() -> None:

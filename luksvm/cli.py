@@ -83,6 +83,70 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_guest_start(args: argparse.Namespace) -> int:
+    import os
+
+    from luksvm import config, guests, virt
+
+    cfg = config.load(args.root)
+    cfg.guest(args.guest)
+    if guests.systemd_runs(cfg) and os.environ.get("INVOCATION_ID"):
+        # From its unit: lower-order guests first (see wait_for_earlier_units).
+        guests.wait_for_earlier_units(
+            cfg, args.guest, guests.unit_state, timeout=guests.EARLIER_GUEST_WAIT
+        )
+    with virt.connect(cfg.settings.uri) as conn:
+        guests.start_guest(cfg, args.guest, conn)
+    return EXIT_OK
+
+
+def cmd_guest_stop(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    cfg.guest(args.guest)
+    guests.stop_guest(cfg, args.guest, guests.connector(cfg))
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    names = guests.select(cfg, args.guests, args.all)
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
+        guests.start_through_units(cfg, names)
+    else:
+        guests.start_directly(cfg, names)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    names = guests.select(cfg, args.guests, args.all)
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
+        stopped = guests.stop_through_units(cfg, names)
+    else:
+        stopped = guests.stop_guests(cfg, names, guests.connector(cfg))
+    for done in stopped:
+        print(
+            f"{done.guest}: not running"
+            if done.how == "not-running"
+            else f"{done.guest}: {done.how} after {done.seconds:.1f} s"
+        )
+    return EXIT_OK
+
+
 def cmd_header_backup(args: argparse.Namespace) -> int:
     from luksvm import backup, config
 
@@ -198,12 +262,15 @@ def cmd_shrink_run(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from luksvm import apply, config
+    from luksvm import apply, config, guests
 
-    plan = apply.apply(config.load(args.root), dry_run=args.dry_run)
+    cfg = config.load(args.root)
+    plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)
     for line in apply.warnings(plan):
+        print(f"luksvm: {line}", file=sys.stderr)
+    for line in guests.apply_autostart_policy(cfg, take_over=args.take_over, dry_run=args.dry_run):
         print(f"luksvm: {line}", file=sys.stderr)
     return EXIT_OK
 
@@ -275,6 +342,37 @@ def build_parser() -> Parser:
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_config_check)
 
+    guest_parser = commands.add_parser(
+        "guest", help="start or stop one guest (what luksvm-guest@GUEST.service runs)"
+    )
+    guest_commands = guest_parser.add_subparsers(dest="guest_command", metavar="ACTION")
+    guest_commands.required = True
+    guest_start = guest_commands.add_parser(
+        "start", help="start GUEST once all its volumes are unlocked; wait until it runs"
+    )
+    guest_start.add_argument("guest", metavar="GUEST")
+    guest_start.set_defaults(func=cmd_guest_start)
+    guest_stop = guest_commands.add_parser(
+        "stop", help="ACPI shutdown, wait stop_timeout, then on_timeout (destroy|managedsave|fail)"
+    )
+    guest_stop.add_argument("guest", metavar="GUEST")
+    guest_stop.set_defaults(func=cmd_guest_stop)
+
+    for verb, func, what in (
+        ("start", cmd_start, "start guests in their order (through their units when systemd runs)"),
+        ("stop", cmd_stop, "stop guests, all at once (through their units when systemd runs)"),
+    ):
+        sub = commands.add_parser(verb, help=what)
+        sub.add_argument("guests", nargs="*", metavar="GUEST")
+        sub.add_argument("--all", action="store_true", help="every configured guest")
+        sub.add_argument(
+            "--direct",
+            action="store_true",
+            help="talk to libvirt directly even when systemd runs (the units do not notice)",
+        )
+        sub.add_argument("--dry-run", action="store_true", help="print what would be done")
+        sub.set_defaults(func=func)
+
     backup_parser = commands.add_parser(
         "header-backup",
         help="back up the LUKS headers of the volumes (verified, deduplicated, rotated)",
@@ -322,6 +420,12 @@ def build_parser() -> Parser:
         "--dry-run", action="store_true", help="print what would change; change nothing"
     )
     apply_parser.add_argument("--diff", action="store_true", help="show unified diffs")
+    apply_parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="clear libvirt's autostart flag on the guests luksvm manages (it would start them "
+        "before their volumes are unlocked)",
+    )
     apply_parser.set_defaults(func=cmd_apply)
 
     shrink_parser = commands.add_parser(

@@ -1394,20 +1394,26 @@ def _not_wired(what: str) -> Callable[..., Any]:
 
 def default_services() -> Services:
     """The real implementations. TODO(lead): wire the parts still on other branches —
-    stop_guest → guests.stop_guest(cfg, name, guests.connector(cfg)) (branch guests);
     lock_volume → unlock.lock(cfg, [cfg.volume(name)], from_unit=False, dry_run=False), after
       guests.stop_through_units(cfg, [guest]) if its guest unit is active (branch storage);
     check_keyfile → keys.check_keyfile; keyring_secret → keys.keyring_secret(volume,
       cfg.settings) (branch storage);
     doctor → doctor.format_report(*…) of doctor.doctor(root) (branch doctor)."""
-    from luksvm import apply
+    from luksvm import apply, guests
 
     def apply_config(cfg: Config) -> list[str]:
         result = apply.apply(cfg)
-        return [*apply.describe(result, dry_run=False, diff=False), *apply.warnings(result)]
+        return [
+            *apply.describe(result, dry_run=False, diff=False),
+            *apply.warnings(result),
+            *guests.apply_autostart_policy(cfg, take_over=False, dry_run=False),
+        ]
+
+    def stop_guest(cfg: Config, name: str) -> None:
+        guests.stop_guest(cfg, name, guests.connector(cfg))
 
     return Services(
-        stop_guest=_not_wired("stopping a guest (--shutdown); shut it off: virsh shutdown GUEST"),
+        stop_guest=stop_guest,
         lock_volume=_lock_by_closing,
         adopt=adopt,
         backup_header=backup_header,

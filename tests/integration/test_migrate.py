@@ -217,3 +217,49 @@ def test_domain_is_redefined_and_rolled_back_on_libvirt(tmp_path: Path) -> None:
     finally:
         domains.close()
     assert os.path.exists(disk)
+
+
+def test_cli_dry_run_plans_from_libvirt_lvm_and_qemu_img(
+    tmp_path: Path,
+    lvm_env: dict[str, str],
+    loop_device: Callable[..., str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("libvirt")
+    from luksvm import cli
+
+    disk = tmp_path / "mail.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(disk), "100M")
+    node = tmp_path / "node.xml"
+    node.write_text(
+        "<node><domain type='test'><name>mail</name><memory>65536</memory>"
+        "<os><type>hvm</type></os><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain></node>"
+    )
+    root = tmp_path / "root"
+    (root / "etc/luksvm").mkdir(parents=True)
+    (root / "etc/luksvm/luksvm.conf").write_text(f"[libvirt]\nuri = test://{node}\n")
+    image = tmp_path / "pv.img"
+    sh("truncate", "-s", "200M", str(image))
+    device = loop_device(image)
+    vg = unique("migr")
+    sh("pvcreate", "-q", device)
+    sh("vgcreate", "-q", "-s", "4m", vg, device)
+    try:
+        argv = ["--root", str(root), "migrate", "mail", "--disk", "vda", "--to", f"{vg}/lv_mail",
+                "--name", "cr_mail", "--dry-run"]  # fmt: skip
+        assert cli.main(argv) == 2  # the test driver's domain runs
+        assert "guest mail is running; shut it off first, or pass --shutdown" in (
+            capsys.readouterr().err
+        )
+        assert cli.main([*argv, "--shutdown"]) == 0
+        out = capsys.readouterr().out
+        assert f"lvcreate --yes --size 121634816b --name lv_mail {vg}" in out
+        assert " 0. stop guest mail (it is running)" in out
+        assert not (root / "var/lib/luksvm/migrate").exists()
+        assert cli.main([*argv[:-1], "--to", f"{vg}/lv_mail", "--dry-run", "--shutdown",
+                         "--key", "keys/k"]) == 64  # fmt: skip
+    finally:
+        sh("vgremove", "-q", "-f", vg)
+        sh("pvremove", "-q", device)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, NoReturn
 
 from luksvm import __version__, journal
-from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LuksvmError, UsageError
+from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
 
 log = logging.getLogger("luksvm")
 
@@ -207,6 +207,30 @@ def cmd_header_backup(args: argparse.Namespace) -> int:
     return EXIT_FAIL if report.failed else EXIT_OK
 
 
+def cmd_trim(args: argparse.Namespace) -> int:
+    from luksvm import config, trim, virt
+
+    cfg = config.load(args.root)
+    results = trim.trim_guests(cfg, args.guests, lambda: virt.connect(cfg.settings.uri))
+    if args.json:
+        print_json(trim.report(results))
+    else:
+        rows = [["GUEST", "TRIM", "DISCARD CHAIN"]]
+        for result in results:
+            broken = [(c.volume, c.broken) for c in result.disks if c.broken is not None]
+            chain = "; ".join(f"{v}: {link.name}: {link.detail}" for v, link in broken if link)
+            rows.append([result.guest, result.trim, chain or "ok"])
+        print_table(rows)
+        for result in results:
+            if result.detail:
+                print(f"{result.guest}: {result.detail}")
+            for disk in result.disks:
+                if disk.broken is not None and disk.broken.fix:
+                    print(f"{result.guest}/{disk.volume}: fix: {disk.broken.fix}")
+        print(f"note: {trim.HOST_NOTE}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_WARN
+
+
 def cmd_header_restore(args: argparse.Namespace) -> int:
     from luksvm import backup, config
 
@@ -293,6 +317,53 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"luksvm: {line}", file=sys.stderr)
     for line in guests.apply_autostart_policy(cfg, take_over=args.take_over, dry_run=args.dry_run):
         print(f"luksvm: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from luksvm import config, migrate
+    from luksvm.errors import UsageError
+
+    cfg = config.load(args.root)
+    if args.rollback:
+        extra = [o for o, v in (("--to", args.to), ("--name", args.name)) if v]
+        if extra:
+            raise UsageError(f"--rollback takes GUEST and --disk only, not {', '.join(extra)}")
+    elif not (args.disk and args.to and args.name):
+        raise UsageError("migrate needs --disk TARGET, --to VG/LV and --name MAPPING")
+    domains = migrate.LibvirtDomains(cfg.settings.uri)
+    try:
+        ctx = migrate.Context(
+            root=args.root,
+            config=cfg,
+            domains=domains,
+            services=migrate.default_services(),
+            out=lambda line: print(line, flush=True),
+            tty=sys.stderr.isatty(),
+        )
+        if args.rollback:
+            migrate.rollback(args.guest, args.disk, ctx, dry_run=args.dry_run)
+            return EXIT_OK
+        vg, lv = migrate.split_vg_lv(args.to)
+        request = migrate.Request(
+            guest=args.guest,
+            disk=args.disk,
+            vg=vg,
+            lv=lv,
+            mapping=args.name,
+            luks_type=args.luks_type,
+            cipher=args.cipher or "",
+            hash=args.hash or "",
+            key_size=args.key_size or 0,
+            pbkdf=args.pbkdf or "",
+            pbkdf_iterations=args.pbkdf_force_iterations or 0,
+            pbkdf_memory=args.pbkdf_memory or 0,
+            verify=args.verify,
+            key=args.key,
+        )
+        migrate.migrate(request, ctx, shutdown=args.shutdown, dry_run=args.dry_run)
+    finally:
+        domains.close()
     return EXIT_OK
 
 
@@ -397,6 +468,13 @@ def build_parser() -> Parser:
     restore.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     restore.set_defaults(func=cmd_header_restore)
 
+    trim_parser = commands.add_parser(
+        "trim", help="fstrim inside running guests (guest agent) and check each discard chain"
+    )
+    trim_parser.add_argument("guests", nargs="*", metavar="GUEST", help="guests (default: all)")
+    trim_parser.add_argument("--json", action="store_true", help="print JSON")
+    trim_parser.set_defaults(func=cmd_trim)
+
     apply_parser = commands.add_parser(
         "apply",
         help="write the systemd units the configuration asks for",
@@ -465,6 +543,61 @@ def build_parser() -> Parser:
                 "(default /var/lib/luksvm/shrink/VG-LV-TIME)",
             )
         sub.set_defaults(func=func)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="move a guest's disk onto a new LUKS-encrypted raw LV",
+        description="Size, create and LUKS-format a new LV, copy the guest's disk onto it with "
+        "verification, point the domain at /dev/mapper/NAME, add the volume to crypttab.d and "
+        "apply. Interrupted, the same command resumes. The old disk is never written or deleted.",
+    )
+    migrate_parser.add_argument("guest", metavar="GUEST", help="the libvirt domain")
+    migrate_parser.add_argument(
+        "--disk", metavar="TARGET", help="the disk's target dev in the domain, e.g. vda"
+    )
+    migrate_parser.add_argument("--to", metavar="VG/LV", help="the new LV (must not exist)")
+    migrate_parser.add_argument("--name", metavar="MAPPING", help="the new mapping's name")
+    migrate_parser.add_argument(
+        "--key",
+        default="-",
+        metavar="KEYSPEC",
+        help="a keyfile path, keyring:SERVICE/USER, or - to ask for a passphrase twice on the "
+        "terminal (default)",
+    )
+    migrate_parser.add_argument(
+        "--luks-type", choices=("luks1", "luks2"), default="luks2", help="default luks2"
+    )
+    migrate_parser.add_argument("--cipher", metavar="CIPHER", help="default: cryptsetup's")
+    migrate_parser.add_argument("--hash", metavar="HASH", help="default: cryptsetup's")
+    migrate_parser.add_argument(
+        "--key-size", type=int, metavar="BITS", help="default: cryptsetup's"
+    )
+    migrate_parser.add_argument(
+        "--pbkdf", choices=("argon2id", "argon2i", "pbkdf2"), help="default: cryptsetup's"
+    )
+    migrate_parser.add_argument(
+        "--pbkdf-force-iterations", type=int, metavar="N", help="fixed KDF cost (no benchmark)"
+    )
+    migrate_parser.add_argument("--pbkdf-memory", type=int, metavar="KIB", help="argon2 memory")
+    migrate_parser.add_argument(
+        "--verify",
+        choices=("full", "sample"),
+        default="full",
+        help="full: compare every byte (default); sample: 64 windows of 1 MiB, for big disks",
+    )
+    migrate_parser.add_argument(
+        "--shutdown", action="store_true", help="stop the guest first (luksvm's guest stop)"
+    )
+    migrate_parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="undo GUEST's newest migration (or --disk's): previous domain XML, fragment removed, "
+        "volume locked; the new LV is kept",
+    )
+    migrate_parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan with exact commands; change nothing"
+    )
+    migrate_parser.set_defaults(func=cmd_migrate)
 
     return parser
 

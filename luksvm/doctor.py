@@ -1363,7 +1363,9 @@ def _discard_chains(host: Host) -> Iterator[Finding]:
 
     def chain(pair: tuple[str, Volume]) -> trim.DiskChain:
         guest, volume = pair
-        return trim.check_chain(guest, volume, trim.domain_disks(domains[guest].xml), probe)
+        from luksvm import virt
+
+        return trim.check_chain(guest, volume, virt.disks_from_xml(domains[guest].xml), probe)
 
     for (guest, volume), result in zip(pairs, host.each(chain, pairs)):
         broken = result.broken

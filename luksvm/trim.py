@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from luksvm import blockdev, cryptsetup
+from luksvm import blockdev, cryptsetup, virt
 from luksvm.config import Config, Volume
 from luksvm.errors import LuksvmError
 
@@ -66,34 +65,7 @@ class Hypervisor(Protocol):
 # --- the discard chain (pure) -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DomainDisk:
-    target: str  # vda
-    source: str  # /dev/mapper/cr_imap_encr
-    discard: str  # the <driver discard=…> value: unmap | ignore | "" (unset: libvirt ignores)
-
-
-def domain_disks(xml: str) -> list[DomainDisk]:
-    """Block and file disks of a domain XML with their driver's discard mode."""
-    disks = []
-    for disk in ET.fromstring(xml).findall("./devices/disk"):
-        source = disk.find("source")
-        target = disk.find("target")
-        driver = disk.find("driver")
-        path = ""
-        if source is not None:
-            path = source.get("dev") or source.get("file") or ""
-        disks.append(
-            DomainDisk(
-                target=target.get("dev", "") if target is not None else "",
-                source=path,
-                discard=driver.get("discard", "") if driver is not None else "",
-            )
-        )
-    return disks
-
-
-def disk_of(volume: Volume, disks: Sequence[DomainDisk]) -> DomainDisk | None:
+def disk_of(volume: Volume, disks: Sequence[virt.Disk]) -> virt.Disk | None:
     """The domain disk whose source is the volume's mapping (by path, or the same device node)."""
     for disk in disks:
         if disk.source == volume.mapper_path:
@@ -116,7 +88,7 @@ class Link:
         return {"link": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix or None}
 
 
-def domain_link(guest: str, volume: Volume, disk: DomainDisk | None) -> Link:
+def domain_link(guest: str, volume: Volume, disk: virt.Disk | None) -> Link:
     if disk is None:
         return Link(
             "domain disk",
@@ -253,7 +225,7 @@ def _stack(device: str) -> Sequence[blockdev.Layer]:
 HOST = Probe(header_flags=_flags, mapping=cryptsetup.status, stack=_stack)
 
 
-def check_chain(guest: str, volume: Volume, disks: Sequence[DomainDisk], probe: Probe) -> DiskChain:
+def check_chain(guest: str, volume: Volume, disks: Sequence[virt.Disk], probe: Probe) -> DiskChain:
     return DiskChain(
         volume.name,
         (
@@ -268,7 +240,7 @@ def trim_guest(config: Config, name: str, domain: GuestDomain | None, probe: Pro
     """Check each luksvm disk's discard chain, then fstrim inside the guest if it runs."""
     if domain is None:
         return GuestTrim(name, NO_DOMAIN, f"no libvirt domain {name} at {config.settings.uri}")
-    disks = domain_disks(domain.xml())
+    disks = virt.disks_from_xml(domain.xml())
     chains = tuple(check_chain(name, v, disks, probe) for v in config.volumes_of(name))
     if not domain.is_running():
         return GuestTrim(name, NOT_RUNNING, "", chains)

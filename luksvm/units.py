@@ -20,7 +20,14 @@ from luksvm.errors import UsageError
 UNLOCK_TEMPLATE = "luksvm-unlock@.service"
 GUEST_TEMPLATE = "luksvm-guest@.service"
 TARGET = "luksvm.target"
-TEMPLATES = (UNLOCK_TEMPLATE, GUEST_TEMPLATE, TARGET)
+# The maintenance services and their weekly timers (enabled by the admin or the package preset).
+MAINTENANCE_UNITS = (
+    "luksvm-header-backup.service",
+    "luksvm-header-backup.timer",
+    "luksvm-trim.service",
+    "luksvm-trim.timer",
+)
+TEMPLATES = (UNLOCK_TEMPLATE, GUEST_TEMPLATE, TARGET, *MAINTENANCE_UNITS)
 # The luksvm path the packaged templates run; apply rewrites it when it installs them itself.
 PACKAGED_LUKSVM = "/usr/bin/luksvm"
 DROPIN = "50-luksvm.conf"

@@ -54,6 +54,9 @@ class Disk:
     target: str  # vda, sdb …
     device: str  # disk | cdrom | floppy | lun
     source: str  # a device or file path; "" for an empty drive or a network disk
+    type: str = "file"  # file | block | volume | network
+    driver_type: str = "raw"  # the image format qemu reads: raw, qcow2 …
+    discard: str = ""  # <driver discard=…>: unmap | ignore | "" (unset: libvirt ignores TRIM)
 
 
 def call(what: str, fn: Callable[..., T], *args: Any, deadline: float = CALL_DEADLINE) -> T:
@@ -227,12 +230,13 @@ def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
 
 
 def disks_from_xml(text: str) -> list[Disk]:
-    """The disks of a domain XML: target, device kind and source path (dev=, file= or volume)."""
+    """The disks of a domain XML: target, kinds, source path (dev=, file= or volume) and driver."""
     root = ET.fromstring(text)
     disks = []
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
         source = disk.find("source")
+        driver = disk.find("driver")
         path = ""
         if source is not None:
             path = source.get("dev") or source.get("file") or source.get("volume") or ""
@@ -241,6 +245,9 @@ def disks_from_xml(text: str) -> list[Disk]:
                 target=target.get("dev", "") if target is not None else "",
                 device=disk.get("device", "disk"),
                 source=path,
+                type=disk.get("type", "file"),
+                driver_type=driver.get("type", "raw") if driver is not None else "raw",
+                discard=driver.get("discard", "") if driver is not None else "",
             )
         )
     return disks

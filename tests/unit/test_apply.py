@@ -53,6 +53,10 @@ def test_first_apply_writes_templates_dropins_and_links(
         "luksvm-guest@.service",
         "luksvm-guest@mail.service.d/50-luksvm.conf",
         "luksvm-guest@web.service.d/50-luksvm.conf",
+        "luksvm-header-backup.service",
+        "luksvm-header-backup.timer",
+        "luksvm-trim.service",
+        "luksvm-trim.timer",
         "luksvm-unlock@.service",
         "luksvm-unlock@cr_imap_encr.service.d/50-luksvm.conf",
         "luksvm-unlock@cr_web.service.d/50-luksvm.conf",
@@ -68,7 +72,8 @@ def test_first_apply_writes_templates_dropins_and_links(
     assert (
         "ExecStart=/opt/luksvm/bin/luksvm unlock --no-start %I" in files["luksvm-unlock@.service"]
     )
-    assert "changed: 7 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "ExecStart=/opt/luksvm/bin/luksvm header-backup" in files["luksvm-header-backup.service"]
+    assert "changed: 11 files written, 4 links made, 0 removed; 0 up to date" in out
 
 
 def test_second_apply_changes_nothing_and_says_so(
@@ -78,7 +83,7 @@ def test_second_apply_changes_nothing_and_says_so(
     before = {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     manifest = (seed_root / apply.MANIFEST).stat().st_mtime_ns
     code, out, err = run_apply(seed_root, capsys)
-    assert (code, out, err) == (0, "nothing to change: 11 unit files and links up to date\n", "")
+    assert (code, out, err) == (0, "nothing to change: 15 unit files and links up to date\n", "")
     assert before == {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     assert (seed_root / apply.MANIFEST).stat().st_mtime_ns == manifest
 
@@ -112,7 +117,7 @@ def test_files_the_config_no_longer_asks_for_are_removed_and_foreign_ones_kept(
     assert (
         "removed " + str(seed_root / UNIT_DIR / "luksvm-guest@web.service.d/50-luksvm.conf") in out
     )
-    assert "changed: 0 files written, 0 links made, 4 removed; 7 up to date" in out
+    assert "changed: 0 files written, 0 links made, 4 removed; 11 up to date" in out
 
 
 def test_a_stale_file_edited_by_hand_is_left_with_a_warning(
@@ -167,7 +172,7 @@ def test_dry_run_prints_and_writes_nothing(
         f"would link {unit_dir}/luksvm.target.wants/luksvm-guest@web.service -> "
         "/etc/systemd/system/luksvm-guest@.service" in out
     )
-    assert "would change: 7 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "would change: 11 files written, 4 links made, 0 removed; 0 up to date" in out
 
 
 def test_diff_shows_what_a_config_change_changes(
@@ -202,7 +207,7 @@ def test_packaged_templates_are_used_and_copies_from_an_earlier_apply_removed(
     assert files["luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "-> /usr/lib/systemd/system/luksvm-unlock@.service"
     )
-    assert "changed: 0 files written, 4 links made, 3 removed; 4 up to date" in out
+    assert "changed: 0 files written, 4 links made, 7 removed; 4 up to date" in out
 
 
 def test_manifest_lists_what_apply_wrote(
@@ -210,7 +215,7 @@ def test_manifest_lists_what_apply_wrote(
 ) -> None:
     run_apply(seed_root, capsys)
     manifest = json.loads((seed_root / apply.MANIFEST).read_text())
-    assert len(manifest["files"]) == 7
+    assert len(manifest["files"]) == 11
     assert manifest["links"][f"{UNIT_DIR}/luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "/etc/systemd/system/luksvm-unlock@.service"
     )

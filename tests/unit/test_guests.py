@@ -41,7 +41,7 @@ def cfg(tmp_path: Path) -> config.Config:
 
 def test_disks_come_from_the_domain_xml() -> None:
     assert virt.disks_from_xml(DOMAIN_XML)[:3] == [
-        virt.Disk("vda", "disk", "/dev/mapper/cr_imap_encr"),
+        virt.Disk("vda", "disk", "/dev/mapper/cr_imap_encr", "block", "raw", "unmap"),
         virt.Disk("vdb", "disk", "/var/lib/libvirt/images/swap.img"),
         virt.Disk("sda", "cdrom", ""),
     ]

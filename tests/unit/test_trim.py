@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import blockdev, config, trim
+from luksvm import blockdev, config, trim, virt
 from luksvm.cryptsetup import MappingStatus
 from luksvm.errors import LuksvmError
 from tests.conftest import write_config
@@ -91,10 +91,10 @@ def cfg(tmp_path: Path) -> config.Config:
 
 
 def test_domain_disks_read_the_discard_mode() -> None:
-    disks = trim.domain_disks(DOMAIN.format(discard=" discard='unmap'"))
-    assert disks == [
-        trim.DomainDisk("vda", "/dev/mapper/cr_imap_encr", "unmap"),
-        trim.DomainDisk("sda", "", ""),
+    disks = virt.disks_from_xml(DOMAIN.format(discard=" discard='unmap'"))
+    assert [(d.target, d.source, d.discard) for d in disks] == [
+        ("vda", "/dev/mapper/cr_imap_encr", "unmap"),
+        ("sda", "", ""),
     ]
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from luksvm import config, cryptsetup, lvm, qemuimg
+from luksvm import config, cryptsetup, lvm, qemuimg, virt
 from luksvm.config import Config, Volume
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import CommandError, run, stream
@@ -130,31 +130,10 @@ def find_disk(domain: ET.Element, target_dev: str) -> ET.Element:
     )
 
 
-@dataclass(frozen=True)
-class DomainDisk:
-    target: str
-    type: str  # file, block, network, volume …
-    device: str  # disk, cdrom, …
-    source: str  # the file or device path
-    driver_type: str  # raw, qcow2, …
-    encrypted: bool  # the image has its own <encryption> (qemu-level LUKS/qcow)
-
-
-def domain_disk(xml: str, target_dev: str) -> DomainDisk:
-    disk = find_disk(_parse(xml), target_dev)
-    source = disk.find("source")
-    driver = disk.find("driver")
-    path = ""
-    if source is not None:
-        path = source.get("file") or source.get("dev") or ""
-    return DomainDisk(
-        target_dev,
-        disk.get("type", "file"),
-        disk.get("device", "disk"),
-        path,
-        driver.get("type", "raw") if driver is not None else "raw",
-        disk.find("encryption") is not None or disk.find("source/encryption") is not None,
-    )
+def domain_disk(xml: str, target_dev: str) -> virt.Disk:
+    """The domain's disk at `target_dev` (UsageError naming the domain's disks when none)."""
+    find_disk(_parse(xml), target_dev)
+    return next(d for d in virt.disks_from_xml(xml) if d.target == target_dev)
 
 
 def rewrite_domain_xml(xml: str, target_dev: str, mapping_path: str) -> str:
@@ -503,7 +482,7 @@ class Situation:
 
     guest_state: str  # libvirt state name: shutoff, running, …
     managed_save: bool
-    disk: DomainDisk
+    disk: virt.Disk
     source_kind: str  # file | block | missing | other
     source_is_crypt: bool  # the source is a dm-crypt mapping already
     vg_found: bool
@@ -867,7 +846,7 @@ class Context:
     clock: Callable[[], float] = time.monotonic
 
 
-def survey(request: Request, ctx: Context, disk: DomainDisk) -> Situation:
+def survey(request: Request, ctx: Context, disk: virt.Disk) -> Situation:
     """Read everything the preconditions are judged on. Reads; changes nothing."""
     rows = (
         lvm.report("vgs", ["vg_name", "vg_extent_size", "vg_free"], [request.vg])
@@ -905,7 +884,7 @@ def _vg_exists(vg: str) -> bool:
     return result.returncode == 0 and bool(lvm.parse_report(result.stdout))
 
 
-def read_source(disk: DomainDisk, kind: str) -> SourceDisk:
+def read_source(disk: virt.Disk, kind: str) -> SourceDisk:
     info = qemuimg.info(disk.source, disk.driver_type)
     if info.virtual_size % SECTOR:
         raise LuksvmError(

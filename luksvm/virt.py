@@ -57,6 +57,7 @@ class Disk:
     type: str = "file"  # file | block | volume | network
     driver_type: str = "raw"  # the image format qemu reads: raw, qcow2 …
     discard: str = ""  # <driver discard=…>: unmap | ignore | "" (unset: libvirt ignores TRIM)
+    encrypted: bool = False  # the image has its own <encryption> (qemu-level LUKS or qcow)
 
 
 def call(what: str, fn: Callable[..., T], *args: Any, deadline: float = CALL_DEADLINE) -> T:
@@ -248,6 +249,8 @@ def disks_from_xml(text: str) -> list[Disk]:
                 type=disk.get("type", "file"),
                 driver_type=driver.get("type", "raw") if driver is not None else "raw",
                 discard=driver.get("discard", "") if driver is not None else "",
+                encrypted=disk.find("encryption") is not None
+                or disk.find("source/encryption") is not None,
             )
         )
     return disks

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import migrate, qemuimg
+from luksvm import migrate, qemuimg, virt
 from luksvm.config import Location, Volume
 from luksvm.errors import LuksvmError, UsageError
-from luksvm.migrate import DomainDisk, Request, Situation, SourceDisk
+from luksvm.migrate import Request, Situation, SourceDisk
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -169,8 +169,8 @@ def test_rewrite_of_unknown_disk_names_the_disks() -> None:
 
 
 def test_domain_disk_reads_type_format_and_encryption() -> None:
-    assert migrate.domain_disk(DOMAIN, "vda") == DomainDisk(
-        "vda", "file", "disk", "/var/lib/libvirt/images/mail.qcow2", "qcow2", False
+    assert migrate.domain_disk(DOMAIN, "vda") == virt.Disk(
+        "vda", "disk", "/var/lib/libvirt/images/mail.qcow2", "file", "qcow2"
     )
     encrypted = DOMAIN.replace(
         "<target dev='vda'", "<encryption format='luks'><secret type='passphrase' uuid='x'/>"
@@ -271,7 +271,7 @@ def situation(**changes: object) -> Situation:
     fields: dict[str, object] = {
         "guest_state": "shutoff",
         "managed_save": False,
-        "disk": DomainDisk("vda", "file", "disk", "/img/mail.qcow2", "qcow2", False),
+        "disk": virt.Disk("vda", "disk", "/img/mail.qcow2", "file", "qcow2"),
         "source_kind": "file",
         "source_is_crypt": False,
         "vg_found": True,
@@ -304,19 +304,19 @@ def test_a_clean_situation_has_no_refusals() -> None:
         ({"source_kind": "block"}, GiB, False, "is not a regular file, as the domain's type"),
         ({"source_is_crypt": True}, GiB, False, "is a dm-crypt mapping"),
         (
-            {"disk": DomainDisk("vda", "network", "disk", "", "raw", False)},
+            {"disk": virt.Disk("vda", "disk", "", "network", "raw")},
             None,
             False,
             "of type 'network'",
         ),
         (
-            {"disk": DomainDisk("vda", "file", "disk", "/a.vmdk", "vmdk", False)},
+            {"disk": virt.Disk("vda", "disk", "/a.vmdk", "file", "vmdk")},
             None,
             False,
             "is vmdk; luksvm migrates raw and qcow2 only",
         ),
         (
-            {"disk": DomainDisk("vda", "file", "disk", "/a.qcow2", "qcow2", True)},
+            {"disk": virt.Disk("vda", "disk", "/a.qcow2", "file", "qcow2", encrypted=True)},
             GiB,
             False,
             "encrypted by qemu already",

@@ -368,6 +368,17 @@ def _fix(volume: Volume, held: list[str], by_kernel: dict[str, DmDevice]) -> str
     return "; ".join(fixes) or "stop what uses it first"
 
 
+def guest_vgs(device: str, candidates: Sequence[str]) -> list[VolumeGroup]:
+    """The VGs with a PV on `device`, each with all its PVs among `candidates` (the open LUKS
+    mappings: a guest VG may span several)."""
+    path = os.path.realpath(device)
+    return [
+        vg
+        for vg in lvm.volume_groups_on(candidates)
+        if any(os.path.realpath(pv) == path for pv in vg.pvs)
+    ]
+
+
 def probe_lock(volume: Volume, *, with_lvm: bool = True) -> LockProbe:
     found = devmapper.devices()
     mapping = devmapper.by_name(found).get(volume.name)
@@ -375,13 +386,7 @@ def probe_lock(volume: Volume, *, with_lvm: bool = True) -> LockProbe:
         return LockProbe(tuple(found), ())
     vgs: list[VolumeGroup] = []
     if with_lvm:
-        crypt = [f"/dev/mapper/{d.name}" for d in found if d.is_crypt]
-        path = os.path.realpath(volume.mapper_path)
-        vgs = [
-            vg
-            for vg in lvm.volume_groups_on(crypt)
-            if any(os.path.realpath(pv) == path for pv in vg.pvs)
-        ]
+        vgs = guest_vgs(volume.mapper_path, [f"/dev/mapper/{d.name}" for d in found if d.is_crypt])
     relevant = [mapping, *(d for d in found if _in(d, vgs))]
     unexplained = [d.kernel for d in relevant if d.open_count > len(d.holders)]
     users = devmapper.users(unexplained) if unexplained else {}

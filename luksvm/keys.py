@@ -96,7 +96,11 @@ def keyring_secret(volume: Volume, settings: Settings) -> bytes:
     return secret.encode("utf-8")
 
 
-def can_prompt() -> bool:
-    """True when someone can answer a passphrase prompt: a terminal on stdin, or a unit (systemd's
-    ask-password agents answer those)."""
-    return (sys.stdin is not None and sys.stdin.isatty()) or "INVOCATION_ID" in os.environ
+def terminal() -> bool:
+    """True when a person at a terminal can answer a passphrase prompt."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def in_unit() -> bool:
+    """True inside a systemd service: its prompts go to systemd's ask-password agents."""
+    return "INVOCATION_ID" in os.environ

@@ -124,7 +124,8 @@ class UnlockProbe:
     active: bool  # the mapping exists already
     device_present: bool  # the backing device exists
     systemd_cryptsetup: str  # its path, "" when this machine has none
-    can_prompt: bool  # someone can answer a passphrase prompt
+    terminal: bool  # stdin is a terminal: a person can answer a prompt
+    in_unit: bool = False  # run by a systemd service, whose prompts systemd's agents show
     unit_active: bool | None = None  # None: go direct, not through the volume's unit
 
 
@@ -187,7 +188,10 @@ def _cannot_unlock(volume: Volume, probe: UnlockProbe) -> str:
             f"cannot unlock {volume.name}: its device {volume.device} ({volume.source}, "
             f"{volume.where}) does not exist; is the backing LV active and the disk attached?"
         )
-    if volume.interactive and not probe.can_prompt:
+    # Through a unit only a terminal helps (systemctl's agent asks there); a service of its own
+    # (the unlock unit running --no-start) asks through systemd's agents.
+    answerable = probe.terminal or (probe.in_unit and probe.unit_active is None)
+    if volume.interactive and not answerable:
         return (
             f"cannot unlock {volume.name}: it asks for a passphrase and there is no terminal to "
             f"ask on; log in with one: ssh -t HOST luksvm unlock {volume.name}"
@@ -200,7 +204,8 @@ def probe_unlock(volume: Volume, active: set[str], unit_active: bool | None) -> 
         active=volume.name in active,
         device_present=os.path.exists(volume.device),
         systemd_cryptsetup=cryptsetup.find_systemd_cryptsetup(),
-        can_prompt=keys.can_prompt(),
+        terminal=keys.terminal(),
+        in_unit=keys.in_unit(),
         unit_active=unit_active,
     )
 
@@ -353,7 +358,7 @@ def _fix(volume: Volume, held: list[str], by_kernel: dict[str, DmDevice]) -> str
     fixes = []
     guests = [h.split('"')[1] for h in held if 'QEMU of guest "' in h]
     for guest in guests:
-        fixes.append(f"stop guest {guest!r} first (luksvm stop {guest})")
+        fixes.append(f'stop guest "{guest}" first (luksvm stop {guest})')
     fixes += [f"unmount {h.split('mounted at ', 1)[1]}" for h in held if "mounted at " in h]
     foreign_vgs = sorted(
         {
@@ -364,7 +369,7 @@ def _fix(volume: Volume, held: list[str], by_kernel: dict[str, DmDevice]) -> str
     )
     fixes += [f"deactivate VG {vg} (vgchange -an {vg})" for vg in foreign_vgs]
     if not fixes:
-        fixes = [f"stop guest {g!r} first (luksvm stop {g})" for g in volume.guests]
+        fixes = [f'stop guest "{g}" first (luksvm stop {g})' for g in volume.guests]
     return "; ".join(fixes) or "stop what uses it first"
 
 

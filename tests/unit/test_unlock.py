@@ -31,7 +31,7 @@ def probe(**kw: Any) -> UnlockProbe:
         "active": False,
         "device_present": True,
         "systemd_cryptsetup": SCS,
-        "can_prompt": True,
+        "terminal": True,
     }
     values.update(kw)
     return UnlockProbe(**values)
@@ -135,18 +135,27 @@ def test_systemd_cryptsetup_is_looked_for_newest_layout_first() -> None:
 
 def test_already_unlocked_is_success_without_a_prompt() -> None:
     vol = volume("cr_web /dev/vg/web - luks")
-    plan = unlock_plan(vol, probe(active=True, can_prompt=False))
+    plan = unlock_plan(vol, probe(active=True, terminal=False))
     assert (plan.steps, plan.done, plan.refusal) == ((), "already unlocked", "")
 
 
 def test_no_terminal_refuses_a_passphrase_volume_at_once_and_suggests_ssh_t() -> None:
     vol = volume("cr_web /dev/vg/web - luks,noauto")
     for unit_active in (None, False):
-        plan = unlock_plan(vol, probe(can_prompt=False, unit_active=unit_active))
+        plan = unlock_plan(vol, probe(terminal=False, unit_active=unit_active))
         assert not plan.steps
         assert "ssh -t HOST luksvm unlock cr_web" in plan.refusal
     keyfile = volume("cr_a /dev/vg/a /etc/luksvm/keys/a.key luks")
-    assert unlock_plan(keyfile, probe(can_prompt=False), key_file="/k").steps
+    assert unlock_plan(keyfile, probe(terminal=False), key_file="/k").steps
+
+
+def test_in_a_unit_a_passphrase_is_asked_through_systemd_but_not_for_an_admin() -> None:
+    vol = volume("cr_web /dev/vg/web - luks,noauto")
+    (step,) = unlock_plan(vol, probe(terminal=False, in_unit=True)).steps
+    assert step.interactive
+    # a script run by some service, asking to unlock through the unit: nobody would see the prompt
+    plan = unlock_plan(vol, probe(terminal=False, in_unit=True, unit_active=False))
+    assert "ssh -t HOST luksvm unlock cr_web" in plan.refusal
 
 
 def test_missing_backing_device_is_refused_naming_it() -> None:
@@ -276,7 +285,7 @@ def test_lock_refuses_while_a_guests_qemu_holds_the_mapping() -> None:
     assert not plan.steps
     assert plan.refusal == (
         'cannot lock cr_imap_encr: still held by QEMU of guest "mail" (pid 812); '
-        "stop guest 'mail' first (luksvm stop mail)"
+        'stop guest "mail" first (luksvm stop mail)'
     )
 
 
@@ -312,7 +321,7 @@ def test_an_opener_not_found_is_counted_and_the_guests_suggested() -> None:
     plan = lock_plan(volume(IMAP), LockProbe(devices, ()))
     assert plan.refusal == (
         "cannot lock cr_imap_encr: still held by 2 more opener(s) of dm-3 (cr_imap_encr) not "
-        "found in /proc; stop guest 'mail' first (luksvm stop mail)"
+        'found in /proc; stop guest "mail" first (luksvm stop mail)'
     )
 
 

@@ -144,7 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if len(guests) > 1:
         print()
         print_table(guests)
-    return EXIT_OK
+    for problem in data["problems"]:
+        print(f"luksvm: {problem}", file=sys.stderr)
+    return EXIT_FAIL if data["problems"] else EXIT_OK
 
 
 def build_parser() -> Parser:

@@ -10,6 +10,7 @@ from typing import Any
 from luksvm import devmapper, lvm
 from luksvm.config import Config
 from luksvm.durations import format_timespan
+from luksvm.run import CommandError
 from luksvm.unlock import guest_unit, systemd_running, unit_states, unlock_unit
 
 UNKNOWN_GUEST_STATE = "unknown (libvirt not read)"
@@ -29,7 +30,11 @@ def gather(config: Config) -> dict[str, Any]:
     by_name = devmapper.by_name(found)
     by_kernel = {d.kernel: d for d in found}
     open_volumes = [v for v in config.volumes if v.name in by_name]
-    vgs = lvm.volume_groups_on([v.mapper_path for v in open_volumes])
+    problems = []
+    try:
+        vgs = lvm.volume_groups_on([v.mapper_path for v in open_volumes])
+    except CommandError as error:  # status still shows the rest
+        vgs, problems = [], [f"guest VGs not read: {error}"]
     systemd = systemd_running(config.root)
     units = [unlock_unit(v.name) for v in config.volumes] + [
         guest_unit(g.name) for g in config.guests
@@ -77,7 +82,7 @@ def gather(config: Config) -> dict[str, Any]:
                 "unit": _unit(guest_unit(guest.name), states, systemd),
             }
         )
-    return {"systemd": systemd, "volumes": volumes, "guests": guests}
+    return {"systemd": systemd, "volumes": volumes, "guests": guests, "problems": problems}
 
 
 def _unit(name: str, states: dict[str, str], systemd: bool) -> dict[str, str] | None:

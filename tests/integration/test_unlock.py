@@ -352,3 +352,9 @@ def test_status_json_shows_locked_volumes_and_guest_policies(tmp_path: Path) -> 
     table = luksvm(root, "status").stdout
     assert "cr_web        locked  /dev/nonexistent (missing)" in table
     assert "no: cr_web locked" in table
+
+
+def test_lock_all_goes_in_reverse_config_order_and_closed_is_success(seed_root: Path) -> None:
+    result = luksvm(seed_root, "lock", "--all", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "# cr_web: already locked\n# cr_imap_encr: already locked\n"

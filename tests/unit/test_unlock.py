@@ -400,3 +400,15 @@ def test_dry_run_commands_are_shell_quoted() -> None:
     vol = volume("cr_a /dev/disk/by-label/my\\x20disk /etc/luksvm/keys/a.key luks")
     plan = unlock_plan(vol, probe(), key_file="/etc/luksvm/keys/a.key")
     assert shlex.split(plan.commands()[0])[3] == "/dev/disk/by-label/my\\x20disk"
+
+
+@pytest.mark.parametrize(
+    "args", [["unlock"], ["lock", "--all", "cr_web"], ["unlock", "--all", "x"]]
+)
+def test_names_or_all_but_not_both(
+    args: list[str], seed_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from luksvm.cli import main
+
+    assert main(["--root", str(seed_root), *args]) == 64
+    assert capsys.readouterr().err == "luksvm: name one or more volumes, or give --all\n"

@@ -63,8 +63,8 @@ step lock-web luksvm lock --from-unit cr_web
 write_conf <<'EOF'
 cr_web /dev/volgrp4/lvweb_hd0 /etc/luksvm/keys/web.key luks,x-luksvm.guest=web
 EOF
-step bench python3 "$E2E_IN/bench_unlock.py" --volume cr_web --device /dev/volgrp4/lvweb_hd0 \
-    --key /etc/luksvm/keys/web.key --rounds 5 --json > "$E2E_RESULTS/bench.json"
+step bench sh -c 'python3 "$1/bench_unlock.py" --volume cr_web --device /dev/volgrp4/lvweb_hd0 \
+    --key /etc/luksvm/keys/web.key --rounds 5 --json > "$2/bench.json"' - "$E2E_IN" "$E2E_RESULTS"
 
 # --- the passphrase appears in no process list, environment or journal ------------------------
 journalctl --sync 2> /dev/null || true

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: test deps lint unit integration e2e clean
+.PHONY: test deps lint unit integration e2e clean docs rpm
 
 test: deps lint
 	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
@@ -25,6 +25,16 @@ integration: deps
 
 e2e: deps
 	$(PY) -m pytest -q tests/e2e
+
+# Manual pages, bash completion and the example luksvm.conf (tools/gendocs.py) into build/docs.
+docs:
+	/usr/bin/python3 -m tools.gendocs build/docs
+
+# Source and binary RPMs from the working tree into $(DISTDIR); RELEASE=2 for a rebuilt release.
+DISTDIR ?= dist
+RELEASE ?= 1
+rpm: deps
+	packaging/build-rpm $(DISTDIR) $(RELEASE)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

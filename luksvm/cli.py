@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, NoReturn
 
 from luksvm import __version__, journal
-from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LuksvmError, UsageError
+from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
 
 log = logging.getLogger("luksvm")
 
@@ -149,6 +150,269 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_FAIL if data["problems"] else EXIT_OK
 
 
+def cmd_guest_start(args: argparse.Namespace) -> int:
+    import os
+
+    from luksvm import config, guests, virt
+
+    cfg = config.load(args.root)
+    cfg.guest(args.guest)
+    if guests.systemd_runs(cfg) and os.environ.get("INVOCATION_ID"):
+        # From its unit: lower-order guests first (see wait_for_earlier_units).
+        guests.wait_for_earlier_units(
+            cfg, args.guest, guests.unit_state, timeout=guests.EARLIER_GUEST_WAIT
+        )
+    with virt.connect(cfg.settings.uri) as conn:
+        guests.start_guest(cfg, args.guest, conn)
+    return EXIT_OK
+
+
+def cmd_guest_stop(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    cfg.guest(args.guest)
+    guests.stop_guest(cfg, args.guest, guests.connector(cfg))
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    names = guests.select(cfg, args.guests, args.all)
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
+        guests.start_through_units(cfg, names)
+    else:
+        guests.start_directly(cfg, names)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from luksvm import config, guests
+
+    cfg = config.load(args.root)
+    names = guests.select(cfg, args.guests, args.all)
+    through_units = guests.systemd_runs(cfg) and not args.direct
+    if args.dry_run:
+        print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
+        return EXIT_OK
+    if through_units:
+        stopped = guests.stop_through_units(cfg, names)
+    else:
+        stopped = guests.stop_guests(cfg, names, guests.connector(cfg))
+    for done in stopped:
+        print(
+            f"{done.guest}: not running"
+            if done.how == "not-running"
+            else f"{done.guest}: {done.how} after {done.seconds:.1f} s"
+        )
+    return EXIT_OK
+
+
+def cmd_header_backup(args: argparse.Namespace) -> int:
+    from luksvm import backup, config
+
+    cfg = config.load(args.root)
+    prune_before = backup.parse_date(args.prune_before) if args.prune_before else None
+    report = backup.backup_headers(cfg, args.names, prune_before=prune_before, dry_run=args.dry_run)
+    if args.json:
+        print_json(report.as_dict())
+        return EXIT_FAIL if report.failed else EXIT_OK
+    if args.dry_run:
+        for outcome in report.outcomes:
+            if outcome.error:
+                continue
+            if not outcome.commands:
+                print(f"# {outcome.volume}: header unchanged since the newest backup")
+            for argv in outcome.commands:
+                print(shlex.join(argv))
+        return EXIT_FAIL if report.failed else EXIT_OK
+    print_table(
+        [["VOLUME", "STATUS", "FILE", "SIZE", "UUID"]]
+        + [
+            [
+                o.volume,
+                "FAILED" if o.error else ("written" if o.changed else "unchanged"),
+                o.file or "-",
+                str(o.size) if o.file else "-",
+                o.uuid or "-",
+            ]
+            for o in report.outcomes
+        ]
+    )
+    for outcome in report.outcomes:
+        for path in outcome.removed:
+            print(f"removed {path}")
+    if any(o.changed for o in report.outcomes):
+        print(f"note: {report.warning}")
+    return EXIT_FAIL if report.failed else EXIT_OK
+
+
+def cmd_trim(args: argparse.Namespace) -> int:
+    from luksvm import config, trim, virt
+
+    cfg = config.load(args.root)
+    results = trim.trim_guests(cfg, args.guests, lambda: virt.connect(cfg.settings.uri))
+    if args.json:
+        print_json(trim.report(results))
+    else:
+        rows = [["GUEST", "TRIM", "DISCARD CHAIN"]]
+        for result in results:
+            broken = [(c.volume, c.broken) for c in result.disks if c.broken is not None]
+            chain = "; ".join(f"{v}: {link.name}: {link.detail}" for v, link in broken if link)
+            rows.append([result.guest, result.trim, chain or "ok"])
+        print_table(rows)
+        for result in results:
+            if result.detail:
+                print(f"{result.guest}: {result.detail}")
+            for disk in result.disks:
+                if disk.broken is not None and disk.broken.fix:
+                    print(f"{result.guest}/{disk.volume}: fix: {disk.broken.fix}")
+        print(f"note: {trim.HOST_NOTE}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_WARN
+
+
+def cmd_header_restore(args: argparse.Namespace) -> int:
+    from luksvm import backup, config
+
+    cfg = config.load(args.root)
+    plan = backup.plan_restore(
+        cfg,
+        args.name,
+        args.from_file,
+        device=args.device,
+        force_uuid_mismatch=args.force_uuid_mismatch,
+    )
+    for line in plan.describe():
+        print(line)
+    if args.dry_run:
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "header-restore asks for the mapping name on a terminal; or pass --yes"
+            )
+        backup.confirm(plan.volume.name, plan.device)
+    saved = backup.restore_header(plan, cfg)
+    print(f"restored the header of {plan.device}; the previous one is in {saved}")
+    return EXIT_OK
+
+
+def cmd_shrink_plan(args: argparse.Namespace) -> int:
+    from luksvm import shrink
+
+    shrink.check_size_syntax(args.to)
+    with shrink.session(args.lv, args.device, root=args.root) as (where, _key):
+        _layout, plan = shrink.plan_for(
+            where,
+            args.to,
+            margin_percent=args.margin,
+            backup_dir=shrink.default_backup_dir(where.vg, where.lv),
+        )
+    if args.json:
+        print_json(shrink.describe(plan))
+    else:
+        print(shrink.format_plan(plan))
+    return EXIT_OK
+
+
+def cmd_shrink_run(args: argparse.Namespace) -> int:
+    from luksvm import shrink
+    from luksvm.errors import UsageError
+
+    shrink.check_size_syntax(args.to)
+    if not args.dry_run and not args.yes_i_have_a_backup:
+        raise UsageError(
+            "shrink run changes every layer of the disk: back the data up, then pass "
+            "--yes-i-have-a-backup (or look first with --dry-run)"
+        )
+    with shrink.session(args.lv, args.device, root=args.root, need_key=not args.dry_run) as (
+        where,
+        key,
+    ):
+        backup_dir = args.backup_dir or shrink.default_backup_dir(where.vg, where.lv)
+        _layout, plan = shrink.plan_for(
+            where, args.to, margin_percent=args.margin, backup_dir=backup_dir
+        )
+        if args.dry_run:
+            for step in plan.steps:
+                print(shrink.command_line(step))
+            return EXIT_OK
+        print(shrink.format_plan(plan), flush=True)
+        if plan.nothing_to_do:
+            return EXIT_OK
+        print(flush=True)
+        shrink.run_plan(where, plan, key, backup_dir, lambda line: print(line, flush=True))
+    print(f"\n{where.vg}/{where.lv} is {plan.targets.lv_size:,} B; every check held")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from luksvm import apply, config, guests
+
+    cfg = config.load(args.root)
+    plan = apply.apply(cfg, dry_run=args.dry_run)
+    for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
+        print(line)
+    for line in apply.warnings(plan):
+        print(f"luksvm: {line}", file=sys.stderr)
+    for line in guests.apply_autostart_policy(cfg, take_over=args.take_over, dry_run=args.dry_run):
+        print(f"luksvm: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from luksvm import config, migrate
+    from luksvm.errors import UsageError
+
+    cfg = config.load(args.root)
+    if args.rollback:
+        extra = [o for o, v in (("--to", args.to), ("--name", args.name)) if v]
+        if extra:
+            raise UsageError(f"--rollback takes GUEST and --disk only, not {', '.join(extra)}")
+    elif not (args.disk and args.to and args.name):
+        raise UsageError("migrate needs --disk TARGET, --to VG/LV and --name MAPPING")
+    domains = migrate.LibvirtDomains(cfg.settings.uri)
+    try:
+        ctx = migrate.Context(
+            root=args.root,
+            config=cfg,
+            domains=domains,
+            services=migrate.default_services(),
+            out=lambda line: print(line, flush=True),
+            tty=sys.stderr.isatty(),
+        )
+        if args.rollback:
+            migrate.rollback(args.guest, args.disk, ctx, dry_run=args.dry_run)
+            return EXIT_OK
+        vg, lv = migrate.split_vg_lv(args.to)
+        request = migrate.Request(
+            guest=args.guest,
+            disk=args.disk,
+            vg=vg,
+            lv=lv,
+            mapping=args.name,
+            luks_type=args.luks_type,
+            cipher=args.cipher or "",
+            hash=args.hash or "",
+            key_size=args.key_size or 0,
+            pbkdf=args.pbkdf or "",
+            pbkdf_iterations=args.pbkdf_force_iterations or 0,
+            pbkdf_memory=args.pbkdf_memory or 0,
+            verify=args.verify,
+            key=args.key,
+        )
+        migrate.migrate(request, ctx, shutdown=args.shutdown, dry_run=args.dry_run)
+    finally:
+        domains.close()
+    return EXIT_OK
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="luksvm",
@@ -199,6 +463,204 @@ def build_parser() -> Parser:
     status = commands.add_parser("status", help="show volumes and guests")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+
+    guest_parser = commands.add_parser(
+        "guest", help="start or stop one guest (what luksvm-guest@GUEST.service runs)"
+    )
+    guest_commands = guest_parser.add_subparsers(dest="guest_command", metavar="ACTION")
+    guest_commands.required = True
+    guest_start = guest_commands.add_parser(
+        "start", help="start GUEST once all its volumes are unlocked; wait until it runs"
+    )
+    guest_start.add_argument("guest", metavar="GUEST")
+    guest_start.set_defaults(func=cmd_guest_start)
+    guest_stop = guest_commands.add_parser(
+        "stop", help="ACPI shutdown, wait stop_timeout, then on_timeout (destroy|managedsave|fail)"
+    )
+    guest_stop.add_argument("guest", metavar="GUEST")
+    guest_stop.set_defaults(func=cmd_guest_stop)
+
+    for verb, func, what in (
+        ("start", cmd_start, "start guests in their order (through their units when systemd runs)"),
+        ("stop", cmd_stop, "stop guests, all at once (through their units when systemd runs)"),
+    ):
+        sub = commands.add_parser(verb, help=what)
+        sub.add_argument("guests", nargs="*", metavar="GUEST")
+        sub.add_argument("--all", action="store_true", help="every configured guest")
+        sub.add_argument(
+            "--direct",
+            action="store_true",
+            help="talk to libvirt directly even when systemd runs (the units do not notice)",
+        )
+        sub.add_argument("--dry-run", action="store_true", help="print what would be done")
+        sub.set_defaults(func=func)
+
+    backup_parser = commands.add_parser(
+        "header-backup",
+        help="back up the LUKS headers of the volumes (verified, deduplicated, rotated)",
+    )
+    backup_parser.add_argument("names", nargs="*", metavar="NAME", help="volumes (default: all)")
+    backup_parser.add_argument("--json", action="store_true", help="print JSON")
+    backup_parser.add_argument(
+        "--prune-before",
+        metavar="DATE",
+        help="also delete backups created before DATE (now, 2024-05-01, 2024-05-01T12:00Z), "
+        "except the newest: they keep removed passphrases valid",
+    )
+    backup_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be written and deleted"
+    )
+    backup_parser.set_defaults(func=cmd_header_backup)
+
+    restore = commands.add_parser(
+        "header-restore", help="restore a volume's LUKS header from a backup (volume locked)"
+    )
+    restore.add_argument("name", metavar="NAME", help="the volume (mapping name)")
+    restore.add_argument(
+        "--from", dest="from_file", required=True, metavar="FILE", help="the header backup"
+    )
+    restore.add_argument(
+        "--device", metavar="DEV", help="the LUKS device, when its configured source is gone"
+    )
+    restore.add_argument("--yes", action="store_true", help="do not ask for the mapping name")
+    restore.add_argument(
+        "--force-uuid-mismatch",
+        action="store_true",
+        help="restore a backup whose UUID does not match the volume",
+    )
+    restore.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    restore.set_defaults(func=cmd_header_restore)
+
+    trim_parser = commands.add_parser(
+        "trim", help="fstrim inside running guests (guest agent) and check each discard chain"
+    )
+    trim_parser.add_argument("guests", nargs="*", metavar="GUEST", help="guests (default: all)")
+    trim_parser.add_argument("--json", action="store_true", help="print JSON")
+    trim_parser.set_defaults(func=cmd_trim)
+
+    apply_parser = commands.add_parser(
+        "apply",
+        help="write the systemd units the configuration asks for",
+        description="Write the drop-ins and luksvm.target links under ROOT/etc/systemd/system, "
+        "remove those an earlier apply wrote that the configuration no longer asks for, and "
+        "reload systemd.",
+    )
+    apply_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
+    apply_parser.add_argument("--diff", action="store_true", help="show unified diffs")
+    apply_parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="clear libvirt's autostart flag on the guests luksvm manages (it would start them "
+        "before their volumes are unlocked)",
+    )
+    apply_parser.set_defaults(func=cmd_apply)
+
+    shrink_parser = commands.add_parser(
+        "shrink", help="shrink an LV and every layer below it (LVM on LUKS) exactly"
+    )
+    shrink_commands = shrink_parser.add_subparsers(dest="shrink_command", metavar="ACTION")
+    shrink_commands.required = True
+    for name, func, help_text in (
+        ("plan", cmd_shrink_plan, "show the exact steps, sizes and checks; change nothing"),
+        ("run", cmd_shrink_run, "carry the plan out step by step, checking after each"),
+    ):
+        sub = shrink_commands.add_parser(name, help=help_text)
+        sub.add_argument("--lv", required=True, metavar="VG/LV", help="the LV to shrink")
+        sub.add_argument(
+            "--to",
+            required=True,
+            metavar="SIZE",
+            help="new LV size with its unit: 60GiB, 64424509440B, 125829120s, 15360e (extents)",
+        )
+        sub.add_argument(
+            "--device",
+            metavar="DEV",
+            help="the LUKS container (partition or host LV) or its open mapping; "
+            "default: found from the VG's PV",
+        )
+        sub.add_argument(
+            "--margin",
+            type=int,
+            default=25,
+            metavar="PERCENT",
+            help="free space kept above resize2fs's minimum, as a share of the used space "
+            "(default 25)",
+        )
+        if name == "plan":
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            sub.add_argument(
+                "--yes-i-have-a-backup",
+                action="store_true",
+                help="required: the run rewrites the partition table or host LV",
+            )
+            sub.add_argument(
+                "--dry-run", action="store_true", help="print the commands it would run"
+            )
+            sub.add_argument(
+                "--backup-dir",
+                metavar="DIR",
+                help="where the LUKS header, LVM metadata, plan and step log go "
+                "(default /var/lib/luksvm/shrink/VG-LV-TIME)",
+            )
+        sub.set_defaults(func=func)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="move a guest's disk onto a new LUKS-encrypted raw LV",
+        description="Size, create and LUKS-format a new LV, copy the guest's disk onto it with "
+        "verification, point the domain at /dev/mapper/NAME, add the volume to crypttab.d and "
+        "apply. Interrupted, the same command resumes. The old disk is never written or deleted.",
+    )
+    migrate_parser.add_argument("guest", metavar="GUEST", help="the libvirt domain")
+    migrate_parser.add_argument(
+        "--disk", metavar="TARGET", help="the disk's target dev in the domain, e.g. vda"
+    )
+    migrate_parser.add_argument("--to", metavar="VG/LV", help="the new LV (must not exist)")
+    migrate_parser.add_argument("--name", metavar="MAPPING", help="the new mapping's name")
+    migrate_parser.add_argument(
+        "--key",
+        default="-",
+        metavar="KEYSPEC",
+        help="a keyfile path, keyring:SERVICE/USER, or - to ask for a passphrase twice on the "
+        "terminal (default)",
+    )
+    migrate_parser.add_argument(
+        "--luks-type", choices=("luks1", "luks2"), default="luks2", help="default luks2"
+    )
+    migrate_parser.add_argument("--cipher", metavar="CIPHER", help="default: cryptsetup's")
+    migrate_parser.add_argument("--hash", metavar="HASH", help="default: cryptsetup's")
+    migrate_parser.add_argument(
+        "--key-size", type=int, metavar="BITS", help="default: cryptsetup's"
+    )
+    migrate_parser.add_argument(
+        "--pbkdf", choices=("argon2id", "argon2i", "pbkdf2"), help="default: cryptsetup's"
+    )
+    migrate_parser.add_argument(
+        "--pbkdf-force-iterations", type=int, metavar="N", help="fixed KDF cost (no benchmark)"
+    )
+    migrate_parser.add_argument("--pbkdf-memory", type=int, metavar="KIB", help="argon2 memory")
+    migrate_parser.add_argument(
+        "--verify",
+        choices=("full", "sample"),
+        default="full",
+        help="full: compare every byte (default); sample: 64 windows of 1 MiB, for big disks",
+    )
+    migrate_parser.add_argument(
+        "--shutdown", action="store_true", help="stop the guest first (luksvm's guest stop)"
+    )
+    migrate_parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="undo GUEST's newest migration (or --disk's): previous domain XML, fragment removed, "
+        "volume locked; the new LV is kept",
+    )
+    migrate_parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan with exact commands; change nothing"
+    )
+    migrate_parser.set_defaults(func=cmd_migrate)
 
     return parser
 

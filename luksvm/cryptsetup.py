@@ -42,8 +42,29 @@ class LuksHeader:
 
     @property
     def header_size(self) -> int:
-        """Bytes `luksHeaderBackup` saves: everything before the payload."""
+        """Bytes before the payload: everything a header backup can hold (the backup itself may be
+        shorter: see header_backup)."""
         return self.data_offset
+
+
+LUKS_MAGIC = b"LUKS\xba\xbe"
+METADATA_PROBE = 4096  # bytes metadata_size() needs to see
+
+
+def metadata_size(first: bytes) -> int:
+    """How many bytes at the start of a LUKS device hold its metadata, from its first 4 KiB: LUKS1's
+    header before the first keyslot (4096), LUKS2's two binary headers with their JSON areas
+    (2 × hdr_size, 32 KiB by default). Every change cryptsetup makes to the keyslots rewrites
+    these bytes (new salts; LUKS2 also bumps its sequence number). 0 when it is not LUKS."""
+    if first[:6] != LUKS_MAGIC or len(first) < 16:
+        return 0
+    version = int.from_bytes(first[6:8], "big")
+    if version == 1:
+        return 4096
+    hdr_size = int.from_bytes(first[8:16], "big")
+    if version == 2 and 16384 <= hdr_size <= 4 << 20 and hdr_size % 4096 == 0:
+        return 2 * hdr_size
+    return 0
 
 
 def is_luks(device: str) -> bool:
@@ -163,11 +184,35 @@ def test_passphrase(device: str, key: bytes) -> bool:
 
 
 def header_backup(device: str, path: str) -> None:
-    """Write the header of `device` to `path` (which must not exist yet)."""
+    """Write the header of `device` to `path` (which must not exist yet: cryptsetup creates it,
+    mode 0400). LUKS1 saves up to the end of its last keyslot area (about 1 MiB with 256-bit keys,
+    2 MiB with 512-bit keys); LUKS2 its two metadata copies and keyslot area (16 MiB by default)."""
     run(
         ["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", path],
         timeout=TIMEOUT,
     )
+
+
+def header_restore(device: str, path: str) -> None:
+    """Write the header backup `path` onto `device` (batch mode: the caller has confirmed)."""
+    run(
+        ["cryptsetup", "luksHeaderRestore", "--batch-mode", device, "--header-backup-file", path],
+        timeout=TIMEOUT,
+    )
+
+
+def open_with_key(device: str, name: str, key: bytes) -> None:
+    """Open the LUKS `device` as /dev/mapper/NAME, the key on stdin."""
+    run(
+        ["cryptsetup", "open", "--type", "luks", "--key-file=-", device, name],
+        stdin=key,
+        secret=True,
+        timeout=KEY_TIMEOUT,
+    )
+
+
+def close_mapping(name: str) -> None:
+    run(["cryptsetup", "close", name], timeout=TIMEOUT)
 
 
 # --- opening and closing: argv builders for plans ---------------------------------------------

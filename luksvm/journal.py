@@ -21,6 +21,7 @@ MESSAGE_IDS = {
     "guest-started": "a1c3e5f7092b4d6f8a0c2e4f6b8d0a1c",
     "guest-stopped": "c2e4a6b8d0f24a6c8e0b2d4f6a8c0e2b",
     "guest-timeout": "e4a6c8e0b2d44f6a8c0e2b4d6f8a0c2e",
+    "guest-start-refused": "50f7e0f532e64804b517c8081724a86c",
     "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
 }
 
@@ -64,7 +65,7 @@ class JournalHandler(logging.Handler):
                 PRIORITY=str(priority),
                 SYSLOG_IDENTIFIER="luksvm",
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,  # python-systemd formats it with {:d}
                 CODE_FUNC=record.funcName,
                 **extra,
             )

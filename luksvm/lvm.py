@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from luksvm.errors import LuksvmError
 from luksvm.run import run
 
 TIMEOUT = 60
@@ -92,6 +93,184 @@ def parse_version(text: str) -> tuple[int, int, int]:
     if not match:
         raise ValueError(f"no LVM version in {text[:80]!r}")
     return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+# --- layout of one VG, for planning moves and resizes (shrink) -----------------------------------
+
+PV_SEGMENT_FIELDS = (
+    "pv_name",
+    "vg_name",
+    "vg_extent_size",
+    "dev_size",
+    "pe_start",
+    "pv_pe_count",
+    "pv_mda_count",
+    "pvseg_start",
+    "pvseg_size",
+    "lv_name",
+    "seg_start_pe",
+)
+LV_FIELDS = (
+    "vg_name",
+    "lv_name",
+    "lv_attr",
+    "lv_size",
+    "segtype",
+    "lv_layout",
+    "origin",
+    "pool_lv",
+    "lv_active",
+    "lv_dm_path",
+)
+
+
+@dataclass(frozen=True)
+class PvSegment:
+    """A run of physical extents: free (lv == "") or holding LEs le_start… of one LV."""
+
+    pe_start: int
+    pe_count: int
+    lv: str
+    le_start: int
+
+    @property
+    def pe_end(self) -> int:
+        """One past the last extent."""
+        return self.pe_start + self.pe_count
+
+
+@dataclass(frozen=True)
+class LvInfo:
+    name: str
+    attr: str
+    size: int  # bytes
+    segtypes: tuple[str, ...]  # one per segment, e.g. ("linear", "linear")
+    layout: str
+    origin: str
+    pool: str
+    active: bool
+    dm_path: str  # /dev/mapper/VG-LV
+
+
+@dataclass(frozen=True)
+class VgLayout:
+    """One VG on exactly the PVs reported: extents, where every LV lies, metadata areas."""
+
+    name: str
+    extent_size: int
+    pvs: tuple[PhysicalVolume, ...]
+    pe_counts: tuple[int, ...]  # per PV, same order
+    mda_counts: tuple[int, ...]  # per PV: 2 means a metadata area at the end too
+    segments: tuple[PvSegment, ...]  # of the first PV (planning handles single-PV VGs)
+    lvs: tuple[LvInfo, ...]
+
+    def lv(self, name: str) -> LvInfo | None:
+        return next((lv for lv in self.lvs if lv.name == name), None)
+
+
+def vg_layout(vg: str, devices: Sequence[str] = ()) -> VgLayout:
+    """The layout of `vg`; with `devices`, LVM looks at those alone (e.g. a guest's mapping)."""
+    args: list[str] = []
+    for device in devices:
+        args += ["--devices", device]
+    pv_rows = report("pvs", PV_SEGMENT_FIELDS, [*args, "--segments", "--select", f"vg_name={vg}"])
+    lv_rows = report("lvs", LV_FIELDS, [*args, "-a", "--segments", vg])
+    return parse_vg_layout(vg, pv_rows, lv_rows)
+
+
+def parse_vg_layout(
+    vg: str, pv_rows: Sequence[dict[str, str]], lv_rows: Sequence[dict[str, str]]
+) -> VgLayout:
+    """Build a VgLayout from `pvs --segments` and `lvs -a --segments` rows (fields as above)."""
+    pv_rows = [row for row in pv_rows if row["vg_name"] == vg]
+    if not pv_rows:
+        raise LvmLayoutError(f"VG {vg} not found")
+    names: list[str] = []
+    for row in pv_rows:
+        if row["pv_name"] not in names:
+            names.append(row["pv_name"])
+    first = {name: next(r for r in pv_rows if r["pv_name"] == name) for name in names}
+    extent_size = int(pv_rows[0]["vg_extent_size"])
+    pvs = tuple(
+        PhysicalVolume(
+            name,
+            vg,
+            int(first[name]["pv_pe_count"]) * extent_size,
+            int(first[name]["dev_size"]),
+            int(first[name]["pe_start"]),
+        )
+        for name in names
+    )
+    segments = tuple(
+        PvSegment(
+            int(row["pvseg_start"]),
+            int(row["pvseg_size"]),
+            row["lv_name"],
+            int(row["seg_start_pe"] or 0) if row["lv_name"] else 0,
+        )
+        for row in pv_rows
+        if row["pv_name"] == names[0] and int(row["pvseg_size"]) > 0
+    )
+    lvs: dict[str, LvInfo] = {}
+    for row in lv_rows:
+        if row["vg_name"] != vg:
+            continue
+        known = lvs.get(row["lv_name"])
+        segtypes = (known.segtypes if known else ()) + (row["segtype"],)
+        lvs[row["lv_name"]] = LvInfo(
+            name=row["lv_name"],
+            attr=row["lv_attr"],
+            size=int(row["lv_size"]),
+            segtypes=segtypes,
+            layout=row["lv_layout"],
+            origin=row["origin"],
+            pool=row["pool_lv"],
+            active=row["lv_active"] == "active",
+            dm_path=row["lv_dm_path"],
+        )
+    return VgLayout(
+        name=vg,
+        extent_size=extent_size,
+        pvs=pvs,
+        pe_counts=tuple(int(first[name]["pv_pe_count"]) for name in names),
+        mda_counts=tuple(int(first[name]["pv_mda_count"]) for name in names),
+        segments=tuple(sorted(segments, key=lambda s: s.pe_start)),
+        lvs=tuple(lvs.values()),
+    )
+
+
+class LvmLayoutError(LuksvmError):
+    """A VG or PV is not where it was looked for, or its metadata does not read as expected."""
+
+
+def end_metadata_area_size(device: str) -> int:
+    """Bytes of the metadata area LVM keeps at the end of the PV on `device` (0 if none).
+
+    `pvs` only reports the smallest area; the second one's own size decides how much room
+    pvresize leaves after the last extent (measured: it is exactly this size)."""
+    text = run(["pvck", "--dump", "headers", device], timeout=TIMEOUT).stdout
+    return parse_end_metadata_area(text)
+
+
+def parse_end_metadata_area(text: str) -> int:
+    """From `pvck --dump headers`: the size of the metadata area list's second entry, if any."""
+    areas = re.findall(
+        r"disk_locn\[(\d+)\] at \d+ # location of metadata area\s*\n"
+        r"\s*pv_header\.disk_locn\[\1\]\.offset (\d+)\s*\n"
+        r"\s*pv_header\.disk_locn\[\1\]\.size (\d+)",
+        text,
+    )
+    if len(areas) < 2:
+        return 0
+    return int(areas[1][2])
+
+
+def supports_fs_option(lvm_version: tuple[int, int, int]) -> bool:
+    """lvreduce/lvresize know `--fs` (and default to `--fs checksize`) from lvm2 2.03.17 on."""
+    return lvm_version >= (2, 3, 17)
+
+
+# --- guest VGs on LUKS mappings (lock) ----------------------------------------------------------
 
 
 @dataclass(frozen=True)

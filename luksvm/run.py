@@ -12,7 +12,8 @@ import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from luksvm.errors import LuksvmError
@@ -33,10 +34,13 @@ class Result:
 class CommandError(LuksvmError):
     """A command failed, timed out or does not exist. Carries argv, exit code and stderr's tail."""
 
-    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, why: str) -> None:
+    def __init__(
+        self, argv: Sequence[str], returncode: int | None, stderr: str, why: str, stdout: str = ""
+    ) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stderr_tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+        self.stdout_tail = "\n".join(stdout.strip().splitlines()[-STDERR_TAIL_LINES:])
         message = f"{shlex.join(self.argv)}: {why}"
         if self.stderr_tail:
             message += ": " + self.stderr_tail
@@ -107,7 +111,9 @@ def run(
     )
     log.debug("exit %d: %s", proc.returncode, argv[0])
     if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, result.stderr, f"exit status {proc.returncode}")
+        raise CommandError(
+            argv, proc.returncode, result.stderr, f"exit status {proc.returncode}", result.stdout
+        )
     return result
 
 
@@ -127,3 +133,71 @@ def run_interactive(argv: Sequence[str], *, check: bool = True) -> int:
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, "", f"exit status {proc.returncode}")
     return proc.returncode
+
+
+def stream(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    on_output: Callable[[str], None],
+    check: bool = True,
+) -> Result:
+    """Run argv and hand each piece of its stdout to on_output as it comes (split at CR and LF,
+    for progress meters such as `qemu-img -p`). stdin is empty; stderr is captured."""
+    argv = tuple(argv)
+    recording = _recording.get()
+    if recording is not None:
+        recording.append(argv)
+        return Result(argv, 0, "", "")
+    log.debug("run (streaming): %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=command_env(),
+        )
+    except FileNotFoundError:
+        raise CommandError(argv, None, "", f"{argv[0]} not found; install it") from None
+    stdout, stderr_pipe = proc.stdout, proc.stderr
+    assert stdout is not None and stderr_pipe is not None
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(stderr_pipe.read()), daemon=True)
+    reader.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    out: list[str] = []
+    pending = ""
+    try:
+        while True:
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                break
+            text = pending + chunk.decode("utf-8", "replace")
+            *pieces, pending = text.replace("\r", "\n").split("\n")
+            for piece in pieces:
+                out.append(piece)
+                if piece.strip():
+                    on_output(piece)
+        if pending.strip():
+            out.append(pending)
+            on_output(pending)
+        returncode = proc.wait()
+    finally:
+        timed_out = not timer.is_alive() and proc.returncode is not None and proc.returncode < 0
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join()
+        stdout.close()
+        stderr_pipe.close()
+    stderr = b"".join(errors).decode("utf-8", "replace")
+    if timed_out:
+        raise CommandError(argv, None, stderr, f"timed out after {timeout:g} s")
+    result = Result(argv, returncode, "\n".join(out), stderr)
+    log.debug("exit %d: %s", returncode, argv[0])
+    if check and returncode != 0:
+        raise CommandError(argv, returncode, stderr, f"exit status {returncode}", result.stdout)
+    return result

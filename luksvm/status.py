@@ -7,22 +7,29 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from luksvm import devmapper, lvm
+from luksvm import devmapper, guests, lvm, virt
+from luksvm.apply import systemd_running
 from luksvm.config import Config
-from luksvm.durations import format_timespan
 from luksvm.run import CommandError
-from luksvm.unlock import guest_unit, systemd_running, unit_states, unlock_unit
+from luksvm.units import guest_unit, unlock_unit
+from luksvm.unlock import unit_states
 
-UNKNOWN_GUEST_STATE = "unknown (libvirt not read)"
+NOT_DEFINED = "not defined in libvirt"
 
 
-def guest_states(uri: str, guests: Sequence[str]) -> dict[str, str]:
-    """libvirt's state of each guest (running, shut off, …).
-
-    The seam for virt.py (branch guests), which reads it through libvirt-python; until that is in
-    main the state is not read."""
-    del uri
-    return {guest: UNKNOWN_GUEST_STATE for guest in guests}
+def guest_states(uri: str, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """libvirt's state of each guest (running, shut off, …), read-only; and what went wrong."""
+    if not names:
+        return {}, []
+    try:
+        with virt.connect(uri, readonly=True) as conn:
+            states = {}
+            for name in names:
+                domain = conn.find(name)
+                states[name] = domain.state() if domain else NOT_DEFINED
+            return states, []
+    except virt.VirtError as error:
+        return {}, [f"guest states not read: {error}"]
 
 
 def gather(config: Config) -> dict[str, Any]:
@@ -30,7 +37,7 @@ def gather(config: Config) -> dict[str, Any]:
     by_name = devmapper.by_name(found)
     by_kernel = {d.kernel: d for d in found}
     open_volumes = [v for v in config.volumes if v.name in by_name]
-    problems = []
+    problems: list[str] = []
     try:
         vgs = lvm.volume_groups_on([v.mapper_path for v in open_volumes])
     except CommandError as error:  # status still shows the rest
@@ -40,7 +47,9 @@ def gather(config: Config) -> dict[str, Any]:
         guest_unit(g.name) for g in config.guests
     ]
     states = unit_states(units) if systemd else {}
-    libvirt = guest_states(config.settings.uri, [g.name for g in config.guests])
+    libvirt, more = guest_states(config.settings.uri, [g.name for g in config.guests])
+    problems += more
+    policies = {p["guest"]: p for p in guests.effective_policies(config)}
     volumes = []
     for volume in config.volumes:
         mapping = by_name.get(volume.name)
@@ -67,22 +76,22 @@ def gather(config: Config) -> dict[str, Any]:
                 "unit": _unit(unlock_unit(volume.name), states, systemd),
             }
         )
-    guests = []
+    guest_rows = []
     for guest in config.guests:
         missing = [name for name in guest.volumes if name not in by_name]
-        guests.append(
+        guest_rows.append(
             {
                 "name": guest.name,
-                "state": libvirt.get(guest.name, UNKNOWN_GUEST_STATE),
+                "state": libvirt.get(guest.name, "unknown"),
                 "volumes": list(guest.volumes),
                 "may_start": not missing,
                 "locked_volumes": missing,
-                "stop_timeout": format_timespan(guest.policy.stop_timeout),
-                "on_timeout": guest.policy.on_timeout,
+                "stop_timeout": policies[guest.name]["stop_timeout"],
+                "on_timeout": policies[guest.name]["on_timeout"],
                 "unit": _unit(guest_unit(guest.name), states, systemd),
             }
         )
-    return {"systemd": systemd, "volumes": volumes, "guests": guests, "problems": problems}
+    return {"systemd": systemd, "volumes": volumes, "guests": guest_rows, "problems": problems}
 
 
 def _unit(name: str, states: dict[str, str], systemd: bool) -> dict[str, str] | None:

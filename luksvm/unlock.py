@@ -20,17 +20,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from luksvm import cryptsetup, devmapper, journal, keys, lvm
+from luksvm.apply import systemd_running
 from luksvm.config import GENERATOR_OPTIONS, Config, Volume
 from luksvm.devmapper import DmDevice
 from luksvm.errors import LuksvmError
 from luksvm.lvm import VolumeGroup
 from luksvm.run import CommandError, run, run_interactive
+from luksvm.units import guest_unit, unlock_unit
 
 log = logging.getLogger("luksvm.unlock")
 
-UNLOCK_UNIT = "luksvm-unlock@{}.service"
-GUEST_UNIT = "luksvm-guest@{}.service"
-SYSTEMD_RUNTIME = "/run/systemd/system"
 SETTLE_TIMEOUT = 30
 VGCHANGE_TIMEOUT = 120
 UNIT_STOP_TIMEOUT = 120  # the unlock unit's TimeoutStopSec=90s, plus systemctl's own time
@@ -64,34 +63,6 @@ class Plan:
 
 
 # --- systemd: unit names and states ------------------------------------------------------------
-
-
-def escape(value: str) -> str:
-    """`systemd-escape VALUE`: the instance name systemd expects (cr-a → cr\\x2da).
-
-    TODO: use units.escape once units.py (branch units) is in main."""
-    out = []
-    for index, char in enumerate(value):
-        if char == "/":
-            out.append("-")
-        elif char.isascii() and (char.isalnum() or char in ":_" or (char == "." and index)):
-            out.append(char)
-        else:
-            out.extend(f"\\x{byte:02x}" for byte in char.encode())
-    return "".join(out)
-
-
-def unlock_unit(volume: str) -> str:
-    return UNLOCK_UNIT.format(escape(volume))
-
-
-def guest_unit(guest: str) -> str:
-    return GUEST_UNIT.format(escape(guest))
-
-
-def systemd_running(root: str) -> bool:
-    """True when systemd is PID 1 here and the configuration is this machine's own."""
-    return os.path.abspath(root) == "/" and os.path.isdir(SYSTEMD_RUNTIME)
 
 
 def unit_states(units: Sequence[str]) -> dict[str, str]:

@@ -54,10 +54,14 @@ def loop_device() -> Iterator[object]:
     """A function attaching an image file as a loop device; every loop is detached afterwards."""
     attached: list[str] = []
 
-    def attach(image: Path, offset: int = 0, size: int | None = None) -> str:
+    def attach(
+        image: Path, offset: int = 0, size: int | None = None, partscan: bool = False
+    ) -> str:
         argv = ["losetup", "--find", "--show", "--offset", str(offset)]
         if size is not None:
             argv += ["--sizelimit", str(size)]
+        if partscan:  # the kernel reads the partition table: /dev/loopNp1, …
+            argv.append("--partscan")
         device = sh(*argv, str(image)).strip()
         attached.append(device)
         return device

@@ -324,13 +324,19 @@ def test_lock_plan_finds_a_guest_vg_spanning_two_devices(
 
 def test_status_json_shows_locked_volumes_and_guest_policies(tmp_path: Path) -> None:
     image = make_luks(tmp_path / "disk.img", KEY)
+    node = tmp_path / "node.xml"  # libvirt's test driver: "mail" defined (and running), "web" not
+    node.write_text(
+        "<node><domain type='test'><name>mail</name><memory>65536</memory>"
+        "<os><type>hvm</type></os></domain></node>"
+    )
     root = write_config(
         tmp_path / "root",
         {
             "10.conf": f"cr_imap_encr {image} /etc/luksvm/keys/imap.key luks,x-luksvm.guest=mail\n"
             "cr_web /dev/nonexistent - luks,noauto,x-luksvm.guest=web\n"
         },
-        "[guests]\nstop_timeout = 90s\n[guest:web]\non_timeout = managedsave\n",
+        f"[libvirt]\nuri = test://{node}\n[guests]\nstop_timeout = 90s\n"
+        "[guest:web]\non_timeout = managedsave\n",
     )
     result = luksvm(root, "status", "--json")
     assert result.returncode == 0, result.stderr
@@ -339,9 +345,11 @@ def test_status_json_shows_locked_volumes_and_guest_policies(tmp_path: Path) -> 
         ("cr_imap_encr", "locked", True),
         ("cr_web", "locked", False),
     ]
+    assert (data["guests"][0]["name"], data["guests"][0]["state"]) == ("mail", "running")
+    assert data["problems"] == []
     assert data["guests"][1] == {
         "name": "web",
-        "state": "unknown (libvirt not read)",
+        "state": "not defined in libvirt",
         "volumes": ["cr_web"],
         "may_start": False,
         "locked_volumes": ["cr_web"],

@@ -193,21 +193,6 @@ def test_guests_start_only_when_all_their_volumes_are_unlocked(tmp_path: Path) -
     ]
 
 
-@pytest.mark.parametrize(
-    ("value", "escaped"),
-    [
-        ("cr-client-a", "cr\\x2dclient\\x2da"),
-        ("cr_imap_encr", "cr_imap_encr"),
-        (".hidden", "\\x2ehidden"),
-        ("a.b:c", "a.b:c"),
-        ("mail server", "mail\\x20server"),
-        ("ü", "\\xc3\\xbc"),
-    ],
-)
-def test_escape_matches_systemd_escape(value: str, escaped: str) -> None:
-    assert unlock.escape(value) == escaped
-
-
 def test_unit_states_come_in_the_order_asked() -> None:
     text = "ActiveState=active\n\nActiveState=inactive\n\nActiveState=failed\n"
     assert unlock.parse_unit_states(["a.service", "b.service", "c.service"], text) == {

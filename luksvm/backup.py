@@ -1,0 +1,739 @@
+"""LUKS header backups: verified, atomic, deduplicated and rotated; and restoring one.
+
+A backup is exactly the file `cryptsetup luksHeaderBackup` writes, stored as
+DIR/NAME/<UTC time>_<LUKS UUID>.luksheader. Beside each lies <backup>.json with the SHA-256 of the
+backup file and of the device's LUKS metadata (cryptsetup.metadata_size: 4 KiB for LUKS1, 32 KiB
+for a default LUKS2 header) as it was when the backup was taken.
+
+"Has the header changed?" is then one small read and hash per volume, no luksDump: every change
+cryptsetup makes (luksAddKey, luksKillSlot, luksChangeKey, tokens, reencryption) rewrites the
+metadata. Hashing the whole 16 MiB area instead would cost 800 MiB of reads for 50 volumes each
+week, and would take bit rot in a keyslot's key material for a change and back it up. The record
+stays right for LUKS1, whose backup is not a byte copy of the device (cryptsetup zeroes the gap
+after the LUKS1 header and pads to a page). A backup without its .json costs one extra backup on
+the next run. The file hash lets a restore refuse a backup that rotted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from luksvm import blockdev, cryptsetup, journal
+from luksvm.config import Config, Volume
+from luksvm.cryptsetup import LuksHeader
+from luksvm.errors import LuksvmError, UsageError
+
+log = logging.getLogger("luksvm.backup")
+
+SUFFIX = ".luksheader"
+BACKUP_NAME = re.compile(r"^(\d{8}T\d{6}\.\d{3}Z)_([0-9A-Za-z-]+)\.luksheader$")
+RAW_NAME = re.compile(r"^(\d{8}T\d{6}\.\d{3}Z)_raw-before-restore\.bin$")
+TEMP_SUFFIX = ".tmp"
+LOCK_FILE = ".lock"
+CHUNK = 1 << 20
+
+PASSPHRASE_WARNING = (
+    "a header backup keeps every passphrase it holds valid for as long as the file exists "
+    "(cryptsetup FAQ): after removing or changing a passphrase (luksKillSlot, luksRemoveKey, "
+    "luksChangeKey), purge the older backups with `luksvm header-backup --prune-before now`"
+)
+
+
+# --- names and times ----------------------------------------------------------------------------
+
+
+def stamp(moment: datetime) -> str:
+    """20240501T120000.123Z: UTC to the millisecond, sorts as it reads."""
+    return moment.strftime("%Y%m%dT%H%M%S") + f".{moment.microsecond // 1000:03d}Z"
+
+
+def parse_stamp(text: str) -> datetime:
+    moment = datetime.strptime(text[:15], "%Y%m%dT%H%M%S")
+    return moment.replace(microsecond=int(text[16:19]) * 1000, tzinfo=timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+
+
+def parse_date(text: str, now: datetime | None = None) -> datetime:
+    """--prune-before: `now`, a date (local midnight) or an ISO 8601 date and time (local time
+    unless it carries an offset or Z)."""
+    now = now or datetime.now(timezone.utc)
+    if text == "now":
+        return now
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        raise UsageError(
+            f"--prune-before {text!r}: expected now, a date such as 2024-05-01 or a time such as "
+            "2024-05-01T12:00 (local time; append Z for UTC)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the admin's local time
+    return moment.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: str
+    created: datetime
+    uuid: str  # "" for a raw copy
+    raw: bool  # a raw copy of a header area that no longer read as LUKS, saved before a restore
+
+    @property
+    def record_path(self) -> str:
+        return self.path + ".json"
+
+
+def list_backups(directory: str) -> list[Backup]:
+    """Backups and raw copies in one volume's folder, newest first. Other files are not ours."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = BACKUP_NAME.match(name)
+        raw = RAW_NAME.match(name)
+        if match:
+            found.append(
+                Backup(os.path.join(directory, name), parse_stamp(match[1]), match[2], False)
+            )
+        elif raw:
+            found.append(Backup(os.path.join(directory, name), parse_stamp(raw[1]), "", True))
+    found.sort(key=lambda b: (b.created, b.path), reverse=True)
+    return found
+
+
+def deletions(
+    backups: Sequence[Backup], *, keep: int, adding: bool, prune_before: datetime | None = None
+) -> list[Backup]:
+    """What to delete once this run's backup (if `adding`) is safely in place; `backups` newest
+    first. Rotation keeps the newest `keep` LUKS backups, counting the one being added. Pruning
+    deletes everything created before `prune_before`, raw copies too (they may still hold old
+    keyslots), except the newest backup when none is added: it is the copy of the live header."""
+    luks = [b for b in backups if not b.raw]
+    doomed = luks[max(keep - 1, 0) if adding else keep :]
+    if prune_before is not None:
+        protected = luks[0] if luks and not adding else None
+        doomed += [
+            b
+            for b in backups
+            if b.created < prune_before and b is not protected and b not in doomed
+        ]
+    return sorted(doomed, key=lambda b: (b.created, b.path), reverse=True)
+
+
+# --- verification -------------------------------------------------------------------------------
+
+
+def keyslot_layout(header: LuksHeader) -> tuple[tuple[int, str, int], ...]:
+    return tuple((k.number, k.kdf, k.key_bits) for k in header.keyslots)
+
+
+def header_differences(live: LuksHeader, copy: LuksHeader) -> list[str]:
+    """How a copy's header differs from the live one: UUID, LUKS version, cipher, payload offset,
+    keyslot layout. Empty when the copy verifies."""
+    pairs: list[tuple[str, object, object]] = [
+        ("UUID", live.uuid, copy.uuid),
+        ("LUKS version", live.version, copy.version),
+        ("cipher", live.cipher, copy.cipher),
+        ("data offset", live.data_offset, copy.data_offset),
+        ("keyslots (number, kdf, key bits)", keyslot_layout(live), keyslot_layout(copy)),
+    ]
+    return [f"{what} {b} where the device has {a}" for what, a, b in pairs if a != b]
+
+
+def sha256_of(path: str, size: int | None = None) -> str:
+    """SHA-256 of the first `size` bytes of `path` (all of it when None), read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    left = size
+    with open(path, "rb", buffering=0) as f:
+        while left is None or left > 0:
+            want = CHUNK if left is None else min(CHUNK, left)
+            got = f.readinto(view[:want])
+            if not got:
+                break
+            digest.update(view[:got])
+            if left is not None:
+                left -= got
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Record:
+    """What <backup>.json holds."""
+
+    file_sha256: str
+    metadata_bytes: int
+    metadata_sha256: str
+
+
+def read_record(backup: Backup) -> Record | None:
+    try:
+        with open(backup.record_path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Record(
+            str(data["file_sha256"]), int(data["metadata_bytes"]), str(data["metadata_sha256"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def metadata_digest(device: str) -> tuple[int, str]:
+    """(bytes, SHA-256) of the LUKS metadata at the start of `device`; (0, "") when none."""
+    with open(device, "rb") as f:
+        size = cryptsetup.metadata_size(f.read(cryptsetup.METADATA_PROBE))
+    return (size, sha256_of(device, size)) if size else (0, "")
+
+
+# --- the backup directory -----------------------------------------------------------------------
+
+
+def directory_on_volumes(
+    directory: str,
+    volumes: Sequence[Volume],
+    *,
+    sys_dir: str = blockdev.SYS_DIR,
+    mountinfo: str = blockdev.MOUNTINFO,
+    number: str | None = None,
+) -> str | None:
+    """Why `directory` must not hold the backups (its filesystem lies on one of `volumes`), or
+    None. A volume counts when its mapping or its encrypted source device is in the stack.
+    `number`: the filesystem's device number, when the caller knows it."""
+    number = number or blockdev.filesystem_device(directory, mountinfo)
+    if number is None:
+        return None
+    devices = blockdev.stack(number, sys_dir)
+    numbers = {d.number for d in devices}
+    path = " → ".join(d.label for d in devices)
+    for volume in volumes:
+        source = blockdev.number_of(volume.device)
+        if any(d.dm_name == volume.name for d in devices) or (source and source in numbers):
+            return (
+                f"backup dir {directory} is on the encrypted volume {volume.name} it backs up "
+                f"({path}): a lost volume would take its header backups with it; set [backup] "
+                "dir in luksvm.conf to a directory on another device"
+            )
+    return None
+
+
+def prepare_directory(path: str) -> None:
+    """Create `path` mode 0700 if needed; refuse one not owned by us (someone else could swap the
+    backups), tighten a looser mode."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise LuksvmError(f"{path} is not a directory; header backups need a directory there")
+    if st.st_uid != os.geteuid():
+        raise LuksvmError(
+            f"{path} is owned by uid {st.st_uid}, not {os.geteuid()}: header backups must be "
+            f"root's alone; chown root:root {path} or choose another [backup] dir"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+@contextlib.contextmanager
+def locked(directory: str) -> Iterator[None]:
+    """One backup or restore at a time per backup directory."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LuksvmError(
+                f"another luksvm header-backup or header-restore is using {directory} "
+                f"(it holds {os.path.join(directory, LOCK_FILE)}); try again when it has finished"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Temporary files of a run that was killed (we hold the lock: no run is writing them)."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                os.unlink(os.path.join(directory, name))
+                log.info("removed %s, left by an interrupted run", os.path.join(directory, name))
+
+
+def _write_json_atomically(path: str, data: dict[str, object]) -> None:
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}{TEMP_SUFFIX}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+# --- one volume ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One volume's result; `file` is the newest backup after the run."""
+
+    volume: str
+    device: str
+    file: str = ""
+    size: int = 0
+    uuid: str = ""
+    created: str = ""
+    changed: bool = False
+    removed: tuple[str, ...] = ()
+    commands: tuple[tuple[str, ...], ...] = ()  # what a dry run would have run
+    error: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "volume": self.volume,
+            "device": self.device,
+            "file": self.file,
+            "size": self.size,
+            "uuid": self.uuid,
+            "created": self.created,
+            "changed": self.changed,
+            "removed": list(self.removed),
+            "error": self.error or None,
+        }
+
+
+def unchanged_since(backup: Backup, device: str) -> bool:
+    """True when the device's LUKS metadata hashes as it did when `backup` was taken."""
+    record = read_record(backup)
+    if record is None:
+        return False
+    return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+
+
+def backup_volume(
+    volume: Volume,
+    directory: str,
+    *,
+    keep: int,
+    prune_before: datetime | None = None,
+    dry_run: bool = False,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> Outcome:
+    """Back up one volume's header into `directory` unless it is unchanged, then rotate/prune."""
+    device = volume.device
+    if not cryptsetup.is_luks(device):
+        newest = next((b for b in list_backups(directory) if not b.raw), None)
+        hint = (
+            f"; restore the newest backup with: luksvm header-restore {volume.name} --from "
+            f"{newest.path}"
+            if newest
+            else ""
+        )
+        raise LuksvmError(
+            f"{volume.name}: {device} does not read as LUKS (cryptsetup isLuks){hint}"
+        )
+    backups = list_backups(directory)
+    newest = next((b for b in backups if not b.raw), None)
+    changed = newest is None or not unchanged_since(newest, device)
+    doomed = deletions(backups, keep=keep, adding=changed, prune_before=prune_before)
+    removed = tuple(b.path for b in doomed)
+    if dry_run:
+        commands: tuple[tuple[str, ...], ...] = ()
+        if changed:
+            uuid = cryptsetup.read_header(device).uuid
+            target = os.path.join(directory, f"{stamp(now())}_{uuid}{SUFFIX}")
+            commands = (("cryptsetup", "luksHeaderBackup", device, "--header-backup-file", target),)
+        commands += tuple(("rm", "--", path) for path in removed)
+        if changed or newest is None:
+            return Outcome(volume.name, device, changed=True, removed=removed, commands=commands)
+        return _outcome(volume, newest, changed=False, removed=removed, commands=commands)
+    if changed:
+        newest = _write_backup(volume, directory, now())
+    assert newest is not None
+    for backup in doomed:
+        for path in (backup.path, backup.record_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if doomed:
+        _fsync_dir(directory)
+    return _outcome(volume, newest, changed=changed, removed=removed)
+
+
+def _outcome(
+    volume: Volume,
+    newest: Backup,
+    *,
+    changed: bool,
+    removed: tuple[str, ...],
+    commands: tuple[tuple[str, ...], ...] = (),
+) -> Outcome:
+    return Outcome(
+        volume=volume.name,
+        device=volume.device,
+        file=newest.path,
+        size=os.path.getsize(newest.path),
+        uuid=newest.uuid,
+        created=iso(newest.created),
+        changed=changed,
+        removed=removed,
+        commands=commands,
+    )
+
+
+def _write_backup(volume: Volume, directory: str, moment: datetime) -> Backup:
+    """luksHeaderBackup into a temporary file beside the final one, verify it against the live
+    header, fsync, link it under its final name (never over an existing file), record its hashes."""
+    device = volume.device
+    live = cryptsetup.read_header(device)
+    before = metadata_digest(device)
+    temporary = os.path.join(directory, f".{stamp(moment)}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        cryptsetup.header_backup(device, temporary)
+        try:
+            copy = cryptsetup.read_header(temporary)
+        except LuksvmError as error:
+            raise LuksvmError(f"{volume.name}: the backup does not verify: {error}") from None
+        differences = header_differences(live, copy)
+        if differences:
+            raise LuksvmError(
+                f"{volume.name}: the backup does not verify: " + "; ".join(differences)
+            )
+        if metadata_digest(device) != before:
+            raise LuksvmError(
+                f"{volume.name}: the header of {device} changed while it was backed up; run again"
+            )
+        os.chmod(temporary, 0o600)
+        _fsync_file(temporary)
+        file_sha256 = sha256_of(temporary)
+        final = os.path.join(directory, f"{stamp(moment)}_{live.uuid}{SUFFIX}")
+        os.link(temporary, final)  # fails rather than replace an existing backup
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    backup = Backup(final, moment, live.uuid, False)
+    _write_json_atomically(
+        backup.record_path,
+        {
+            "volume": volume.name,
+            "device": device,
+            "uuid": live.uuid,
+            "luks_version": live.version,
+            "created": iso(moment),
+            "file_sha256": file_sha256,
+            "metadata_bytes": before[0],
+            "metadata_sha256": before[1],
+        },
+    )
+    _fsync_dir(directory)
+    log.info(
+        "backed up the LUKS%d header of %s (%s) to %s",
+        live.version,
+        volume.name,
+        device,
+        final,
+        extra=journal.fields(volume=volume.name, message_id="header-backup"),
+    )
+    return backup
+
+
+# --- a run over the configured volumes ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupReport:
+    directory: str
+    outcomes: tuple[Outcome, ...]
+    warning: str = PASSPHRASE_WARNING
+    pruned_before: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return any(o.error for o in self.outcomes)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "backup_dir": self.directory,
+            "volumes": [o.as_dict() for o in self.outcomes],
+            "pruned_before": self.pruned_before or None,
+            "warning": self.warning,
+        }
+
+
+def selected(config: Config, names: Sequence[str]) -> list[Volume]:
+    return [config.volume(n) for n in names] if names else list(config.volumes)
+
+
+def backup_headers(
+    config: Config,
+    names: Sequence[str] = (),
+    *,
+    prune_before: datetime | None = None,
+    dry_run: bool = False,
+    sys_dir: str = blockdev.SYS_DIR,
+    mountinfo: str = blockdev.MOUNTINFO,
+) -> BackupReport:
+    """Back up the headers of the named volumes (all configured ones when none are named). One
+    volume's failure is reported in its Outcome; the others go on."""
+    volumes = selected(config, names)
+    settings = config.settings
+    directory = settings.backup_dir
+    reason = directory_on_volumes(directory, config.volumes, sys_dir=sys_dir, mountinfo=mountinfo)
+    if reason:
+        raise LuksvmError(reason)
+    outcomes = []
+    with contextlib.ExitStack() as stack:
+        if not dry_run:
+            prepare_directory(directory)
+            stack.enter_context(locked(directory))
+        for volume in volumes:
+            folder = os.path.join(directory, volume.name)
+            try:
+                if not dry_run:
+                    prepare_directory(folder)
+                    _remove_stale_temporaries(folder)
+                outcome = backup_volume(
+                    volume,
+                    folder,
+                    keep=settings.backup_keep,
+                    prune_before=prune_before,
+                    dry_run=dry_run,
+                )
+            except (LuksvmError, OSError) as error:
+                message = (
+                    str(error) if isinstance(error, LuksvmError) else f"{volume.name}: {error}"
+                )
+                log.error("%s", message, extra=journal.fields(volume=volume.name))
+                outcome = Outcome(volume.name, volume.device, error=message)
+            outcomes.append(outcome)
+    return BackupReport(
+        directory, tuple(outcomes), pruned_before=iso(prune_before) if prune_before else ""
+    )
+
+
+# --- restore ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    volume: Volume
+    device: str
+    backup_file: str
+    backup: LuksHeader  # the header in the backup file
+    live: LuksHeader | None  # None: the device no longer reads as LUKS
+    matched_by: str  # device UUID | configured UUID= | backup folder name | --force-uuid-mismatch
+    folder: str  # where the current header is saved first
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def area_bytes(self) -> int:
+        """Bytes the restore overwrites: the backup file's length."""
+        return os.path.getsize(self.backup_file)
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"volume:   {self.volume.name} on {self.device}",
+            f"backup:   {self.backup_file} (LUKS{self.backup.version}, UUID {self.backup.uuid}, "
+            f"keyslots {', '.join(str(k.number) for k in self.backup.keyslots) or 'none'}; "
+            f"matched by {self.matched_by})",
+        ]
+        if self.live is not None:
+            lines.append(
+                f"current:  LUKS{self.live.version}, UUID {self.live.uuid}; backed up first to "
+                f"{self.folder}/"
+            )
+        else:
+            lines.append(
+                f"current:  not LUKS; its first {self.area_bytes} bytes are copied first to "
+                f"{self.folder}/…_raw-before-restore.bin"
+            )
+        lines += list(self.notes)
+        lines.append(
+            "run:      "
+            + " ".join(
+                [
+                    "cryptsetup luksHeaderRestore --batch-mode",
+                    self.device,
+                    "--header-backup-file",
+                    self.backup_file,
+                ]
+            )
+        )
+        return lines
+
+
+def plan_restore(
+    config: Config,
+    name: str,
+    backup_file: str,
+    *,
+    device: str | None = None,
+    force_uuid_mismatch: bool = False,
+) -> RestorePlan:
+    """Every check before a restore; runs nothing that writes. LuksvmError says why not."""
+    volume = config.volume(name)
+    device = device or volume.device
+    backup_file = os.path.abspath(backup_file)
+    if not os.path.isfile(backup_file):
+        raise UsageError(f"--from {backup_file}: no such file")
+    if not os.path.exists(device):
+        raise LuksvmError(
+            f"{name}: device {device} does not exist; when its header is gone a UUID= source "
+            "no longer resolves: name the device with --device"
+        )
+    try:
+        backup = cryptsetup.read_header(backup_file)
+    except LuksvmError as error:
+        raise LuksvmError(
+            f"{backup_file} does not verify as a LUKS header backup: {error}"
+        ) from None
+    record = read_record(Backup(backup_file, datetime.now(timezone.utc), backup.uuid, False))
+    if record is not None and sha256_of(backup_file) != record.file_sha256:
+        raise LuksvmError(
+            f"{backup_file} changed since it was written (its SHA-256 differs from the one in "
+            f"{backup_file}.json): the file is damaged; choose another backup"
+        )
+    live = cryptsetup.read_header(device) if cryptsetup.is_luks(device) else None
+    matched_by, mismatch = _match(volume, backup, backup_file, live)
+    if mismatch:
+        if not force_uuid_mismatch:
+            raise LuksvmError(
+                f"{name}: {mismatch}; nothing changed (--force-uuid-mismatch overrides)"
+            )
+        matched_by = "--force-uuid-mismatch"
+    _refuse_unless_locked(volume, device)
+    folder = os.path.join(config.settings.backup_dir, volume.name)
+    return RestorePlan(volume, device, backup_file, backup, live, matched_by, folder)
+
+
+def _match(
+    volume: Volume, backup: LuksHeader, backup_file: str, live: LuksHeader | None
+) -> tuple[str, str]:
+    """(how the backup matched, why it does not match)."""
+    if live is not None:
+        if backup.uuid == live.uuid:
+            return "device UUID", ""
+        return "", f"the backup's UUID {backup.uuid} is not the device's {live.uuid}"
+    tag, _, value = volume.source.partition("=")
+    if tag == "UUID":
+        if backup.uuid.lower() == value.lower():
+            return "configured UUID=", ""
+        return "", f"the backup's UUID {backup.uuid} is not the configured UUID={value}"
+    folder = os.path.basename(os.path.dirname(backup_file))
+    if folder == volume.name:
+        return "backup folder name", ""
+    return "", (
+        f"{volume.device} does not read as LUKS and the backup is in folder {folder!r}, not "
+        f"{volume.name!r}: nothing ties it to this volume"
+    )
+
+
+def _refuse_unless_locked(volume: Volume, device: str) -> None:
+    if os.path.exists(volume.mapper_path) or cryptsetup.status(volume.name).active:
+        raise LuksvmError(
+            f"{volume.name} is unlocked ({volume.mapper_path}): lock it first "
+            f"(luksvm lock {volume.name}); a header is never restored under an open mapping"
+        )
+    held_by = blockdev.describe(device).holders if blockdev.number_of(device) else ()
+    if held_by:
+        raise LuksvmError(
+            f"{volume.name}: {device} is held by {', '.join(held_by)}; close what is open on it "
+            "first"
+        )
+
+
+def confirm(name: str, device: str, ask: Callable[[str], str] = input) -> None:
+    """The admin types the mapping name back; anything else changes nothing."""
+    try:
+        answer = ask(f"Type the mapping name {name} to overwrite the LUKS header on {device}: ")
+    except EOFError:
+        answer = ""
+    if answer.strip() != name:
+        raise LuksvmError(f"not confirmed (expected {name!r}); nothing changed")
+
+
+def restore_header(plan: RestorePlan, config: Config) -> str:
+    """Save the current header (a verified backup, or the raw area when it is not LUKS), restore,
+    verify. Returns where the current header was saved."""
+    settings = config.settings
+    prepare_directory(settings.backup_dir)
+    with locked(settings.backup_dir):
+        prepare_directory(plan.folder)
+        if plan.live is not None:
+            volume = dataclasses.replace(plan.volume, device=plan.device)
+            saved = backup_volume(volume, plan.folder, keep=settings.backup_keep).file
+        else:
+            saved = _copy_raw_area(plan.device, plan.folder, plan.area_bytes)
+        cryptsetup.header_restore(plan.device, plan.backup_file)
+    restored = cryptsetup.read_header(plan.device)
+    differences = header_differences(plan.backup, restored)
+    if differences:
+        raise LuksvmError(
+            f"{plan.volume.name}: after the restore the header of {plan.device} differs from "
+            f"the backup: {'; '.join(differences)}; the previous header is in {saved}"
+        )
+    log.info(
+        "restored the header of %s (%s) from %s; the previous one is in %s",
+        plan.volume.name,
+        plan.device,
+        plan.backup_file,
+        saved,
+        extra=journal.fields(volume=plan.volume.name, message_id="header-backup"),
+    )
+    return saved
+
+
+def _copy_raw_area(device: str, folder: str, size: int) -> str:
+    moment = datetime.now(timezone.utc)
+    final = os.path.join(folder, f"{stamp(moment)}_raw-before-restore.bin")
+    temporary = os.path.join(folder, f".{stamp(moment)}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out, open(device, "rb") as source:
+            left = size
+            while left > 0:
+                piece = source.read(min(CHUNK, left))
+                if not piece:
+                    break
+                out.write(piece)
+                left -= len(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(temporary, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    _fsync_dir(folder)
+    return final

@@ -1,0 +1,256 @@
+"""libvirt through libvirt-python: connect, find guests and their disks, start/stop/wait, fsTrim.
+
+Every call runs with a deadline: libvirt calls block in C, and a unit that waits forever on a
+socket-activated daemon at shutdown is the deadlock DESIGN.md describes. A call past its deadline
+raises LuksvmError; its worker thread is left behind as a daemon thread (it cannot be cancelled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from luksvm.errors import LuksvmError
+
+DEFAULT_URI = "qemu:///system"
+CALL_DEADLINE = 30.0  # seconds for one libvirt call (connect, lookup, start, destroy …)
+SAVE_DEADLINE = 600.0  # managedsave writes all guest RAM
+
+# virDomainState, by number (libvirt.VIR_DOMAIN_*), so that reading needs no import of libvirt.
+STATES = {
+    0: "nostate",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",  # shutting down
+    5: "shutoff",
+    6: "crashed",
+    7: "pmsuspended",
+}
+# A guest in any of these has a QEMU process (it is not down yet).
+ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
+
+T = TypeVar("T")
+
+
+VIR_ERR_NO_DOMAIN = 42  # libvirt.VIR_ERR_NO_DOMAIN
+
+
+class VirtError(LuksvmError):
+    """A libvirt call failed (code: libvirt's error code) or missed its deadline (code 0)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Disk:
+    target: str  # vda, sdb …
+    device: str  # disk | cdrom | floppy | lun
+    source: str  # a device or file path; "" for an empty drive or a network disk
+    type: str = "file"  # file | block | volume | network
+    driver_type: str = "raw"  # the image format qemu reads: raw, qcow2 …
+    discard: str = ""  # <driver discard=…>: unmap | ignore | "" (unset: libvirt ignores TRIM)
+    encrypted: bool = False  # the image has its own <encryption> (qemu-level LUKS or qcow)
+
+
+def call(what: str, fn: Callable[..., T], *args: Any, deadline: float = CALL_DEADLINE) -> T:
+    """fn(*args) in a worker thread; VirtError when it fails or is still busy after `deadline`."""
+    import libvirt
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except libvirt.libvirtError as error:
+            outcome["error"] = error
+        except BaseException as error:  # handed to the caller, not lost in the thread
+            outcome["crash"] = error
+
+    worker = threading.Thread(target=work, name=f"libvirt {what}", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise VirtError(f"libvirt did not answer {what} within {deadline:g} s")
+    if "crash" in outcome:
+        raise outcome["crash"]
+    if "error" in outcome:
+        error = outcome["error"]
+        raise VirtError(f"{what}: {error.get_error_message() or error}", error.get_error_code())
+    value: T = outcome["value"]
+    return value
+
+
+def _quiet_libvirt() -> None:
+    """libvirt prints every error to stderr by default; luksvm reports its own."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class Domain:
+    """One libvirt domain; every method is a single libvirt call with a deadline."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._dom = handle
+        self.name = name
+
+    def state(self) -> str:
+        state, _reason = call(f"state of {self.name}", self._dom.state)
+        return STATES.get(state, "nostate")
+
+    def is_running(self) -> bool:
+        return self.state() in ACTIVE_STATES
+
+    def xml(self) -> str:
+        text: str = call(f"XML of {self.name}", self._dom.XMLDesc, 0)
+        return text
+
+    def disks(self) -> list[Disk]:
+        return disks_from_xml(self.xml())
+
+    def start(self) -> None:
+        call(f"start {self.name}", self._dom.create)
+
+    def shutdown_acpi(self) -> None:
+        """Ask the guest to power off (ACPI power button). Hypervisors without that method (the
+        test driver) get their default shutdown request."""
+        import libvirt
+
+        try:
+            call(
+                f"ACPI shutdown of {self.name}",
+                self._dom.shutdownFlags,
+                libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
+            )
+        except VirtError as error:
+            if "unsupported flags" not in str(error):
+                raise
+            call(f"shutdown of {self.name}", self._dom.shutdown)
+
+    def destroy(self) -> None:
+        call(f"destroy {self.name}", self._dom.destroy)
+
+    def managed_save(self) -> None:
+        call(f"managedsave {self.name}", self._dom.managedSave, 0, deadline=SAVE_DEADLINE)
+
+    def has_managed_save(self) -> bool:
+        return bool(call(f"managedsave image of {self.name}", self._dom.hasManagedSaveImage, 0))
+
+    def autostart(self) -> bool:
+        return bool(call(f"autostart flag of {self.name}", self._dom.autostart))
+
+    def set_autostart(self, enabled: bool) -> None:
+        call(f"set autostart of {self.name}", self._dom.setAutostart, int(enabled))
+
+    def fs_trim(self, minimum: int = 0, deadline: float = 3600.0) -> None:
+        """Ask the guest agent to trim every mounted filesystem (qemu-guest-agent must run)."""
+        call(f"fsTrim in {self.name}", self._dom.fSTrim, None, minimum, 0, deadline=deadline)
+
+    def wait_for(
+        self,
+        states: Iterable[str],
+        timeout: float,
+        *,
+        poll: float = 0.5,
+        on_poll: Callable[[float], None] | None = None,
+    ) -> bool:
+        """Poll until the domain is in one of `states`; False when `timeout` seconds pass first.
+        on_poll(seconds_left) runs after each poll that answered (for sd_notify)."""
+        wanted = frozenset(states)
+        end = time.monotonic() + timeout
+        while True:
+            if self.state() in wanted:
+                return True
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if on_poll is not None:
+                on_poll(left)
+            time.sleep(min(poll, left))
+
+
+class Connection:
+    def __init__(self, handle: Any, uri: str, readonly: bool) -> None:
+        self._conn = handle
+        self.uri = uri
+        self.readonly = readonly
+
+    def guest_names(self) -> list[str]:
+        """Names of all domains, defined and transient, sorted."""
+        domains = call("list domains", self._conn.listAllDomains, 0)
+        return sorted(call("domain name", d.name) for d in domains)
+
+    def find(self, name: str) -> Domain | None:
+        try:
+            handle = call(f"look up {name}", self._conn.lookupByName, name)
+        except VirtError as error:
+            if error.code == VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+        return Domain(handle, name)
+
+    def domain(self, name: str) -> Domain:
+        found = self.find(name)
+        if found is None:
+            raise VirtError(
+                f"guest {name!r}: no libvirt domain of that name at {self.uri}; define it "
+                f"(virsh define) or fix x-luksvm.guest={name} in the configuration"
+            )
+        return found
+
+    def close(self) -> None:
+        with contextlib.suppress(VirtError):
+            call("close connection", self._conn.close, deadline=5.0)
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
+    """Open `uri` (read-only where reading is enough); VirtError names the URI on failure."""
+    import libvirt
+
+    _quiet_libvirt()
+    opener = libvirt.openReadOnly if readonly else libvirt.open
+    try:
+        handle = call(f"connect to {uri}", opener, uri)
+    except VirtError as error:
+        raise VirtError(f"{error}; is libvirtd (or virtqemud) installed and running?") from None
+    return Connection(handle, uri, readonly)
+
+
+def disks_from_xml(text: str) -> list[Disk]:
+    """The disks of a domain XML: target, kinds, source path (dev=, file= or volume) and driver."""
+    root = ET.fromstring(text)
+    disks = []
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        source = disk.find("source")
+        driver = disk.find("driver")
+        path = ""
+        if source is not None:
+            path = source.get("dev") or source.get("file") or source.get("volume") or ""
+        disks.append(
+            Disk(
+                target=target.get("dev", "") if target is not None else "",
+                device=disk.get("device", "disk"),
+                source=path,
+                type=disk.get("type", "file"),
+                driver_type=driver.get("type", "raw") if driver is not None else "raw",
+                discard=driver.get("discard", "") if driver is not None else "",
+                encrypted=disk.find("encryption") is not None
+                or disk.find("source/encryption") is not None,
+            )
+        )
+    return disks

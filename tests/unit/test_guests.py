@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from luksvm import config, guests, units, virt
+from luksvm.errors import UsageError
+from tests.conftest import write_config
+
+DOMAIN_XML = """<domain type='kvm'><name>mail</name><devices>
+  <disk type='block' device='disk'><driver name='qemu' type='raw' discard='unmap'/>
+    <source dev='/dev/mapper/cr_imap_encr'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='file' device='disk'><source file='/var/lib/libvirt/images/swap.img'/>
+    <target dev='vdb' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
+  <disk type='block' device='disk'><source dev='/dev/disk/by-id/dm-name-cr_imap_hd1'/>
+    <target dev='vdc' bus='virtio'/></disk>
+  <disk type='block' device='disk'><source dev='/dev/mapper/not_ours'/>
+    <target dev='vdd' bus='virtio'/></disk>
+</devices></domain>"""
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
+    write_config(
+        tmp_path,
+        {
+            "10-mail.conf": "cr_imap_encr /dev/vg/a - luks,x-luksvm.guest=mail\n"
+            "cr_imap_hd1 /dev/vg/b - luks\n"
+            "cr_extra /dev/vg/c - luks,x-luksvm.guest=mail\n"
+            "cr_web /dev/vg/d - luks,x-luksvm.guest=web\n"
+            "cr_db /dev/vg/e - luks,x-luksvm.guest=db\n"
+        },
+        "[guests]\nstop_timeout = 10s\n[guest:web]\norder = 2\non_timeout = managedsave\n"
+        "[guest:db]\norder = 1\nstart_delay = 5s\n",
+    )
+    return config.load(str(tmp_path))
+
+
+def test_disks_come_from_the_domain_xml() -> None:
+    assert virt.disks_from_xml(DOMAIN_XML)[:3] == [
+        virt.Disk("vda", "disk", "/dev/mapper/cr_imap_encr", "block", "raw", "unmap"),
+        virt.Disk("vdb", "disk", "/var/lib/libvirt/images/swap.img"),
+        virt.Disk("sda", "cdrom", ""),
+    ]
+
+
+def test_needed_volumes_are_the_luksvm_disks_then_the_configured_ones(cfg: config.Config) -> None:
+    disks = virt.disks_from_xml(DOMAIN_XML)
+    assert guests.volumes_on_disks(cfg, disks) == ["cr_imap_encr", "cr_imap_hd1"]
+    assert guests.needed_volumes(cfg, "mail", disks) == ["cr_imap_encr", "cr_imap_hd1", "cr_extra"]
+
+
+def test_unlocked_means_the_mapping_exists(cfg: config.Config, tmp_path: Path) -> None:
+    assert not guests.unlocked(cfg, "cr_web")
+    (tmp_path / "dev/mapper").mkdir(parents=True)
+    (tmp_path / "dev/mapper/cr_web").touch()
+    assert guests.unlocked(cfg, "cr_web")
+
+
+def test_guest_unit_names_are_escaped() -> None:
+    assert guests.unit_name("cr-client-a") == "luksvm-guest@cr\\x2dclient\\x2da.service"
+
+
+@pytest.mark.parametrize(
+    ("scope", "guest", "match"),
+    [
+        ("machine-qemu\\x2d3\\x2dmail.scope", "mail", True),
+        ("machine-qemu\\x2d3\\x2dmail.scope", "mail2", False),
+        ("machine-qemu\\x2d12\\x2dweb\\x2dfront.scope", "web-front", True),
+        ("machine-qemu\\x2d1\\x2dwebfront.scope", "web_front", True),  # "_" is dropped
+        ("machine-qemu\\x2d1\\x2dhidden.scope", "..hidden.", True),  # leading/trailing dots go
+        ("machine-qemu\\x2d1\\x2d" + "a" * 57 + ".scope", "a" * 80, True),  # cut at 64
+        ("machine-lxc\\x2d1\\x2dmail.scope", "mail", False),
+    ],
+)
+def test_machine_scope_names_follow_libvirt(scope: str, guest: str, match: bool) -> None:
+    assert guests.scope_is_for(scope, guest) is match
+
+
+def test_qemu_exists_reads_pid_file_and_machine_scopes(cfg: config.Config, tmp_path: Path) -> None:
+    assert not guests.qemu_exists(cfg, "mail")
+    run_dir = tmp_path / guests.QEMU_RUN_DIR
+    run_dir.mkdir(parents=True)
+    (run_dir / "mail.pid").write_text("4242\n")
+    assert not guests.qemu_exists(cfg, "mail")  # stale: no such process
+    (tmp_path / "proc/4242").mkdir(parents=True)
+    assert guests.qemu_exists(cfg, "mail")
+    assert not guests.qemu_exists(cfg, "web")
+    (tmp_path / guests.MACHINE_SLICE / "machine-qemu\\x2d7\\x2dweb.scope").mkdir(parents=True)
+    assert guests.qemu_exists(cfg, "web")
+
+
+def test_only_the_local_system_uri_is_checked_on_the_file_system() -> None:
+    assert guests.local_qemu("qemu:///system")
+    assert guests.local_qemu("qemu+unix:///system?socket=/run/x")
+    assert not guests.local_qemu("qemu+ssh://other/system")
+    assert not guests.local_qemu("test:///tmp/x.xml")
+
+
+def fake_sysfs(
+    root: Path, devices: dict[str, tuple[str, list[str]]], majmin: dict[str, str]
+) -> str:
+    """devices: name -> (dm uuid or "" for a plain disk, slaves)."""
+    sys_dir = root / "sys"
+    for name, (uuid, slaves) in devices.items():
+        base = sys_dir / "class/block" / name
+        base.mkdir(parents=True)
+        if uuid:
+            (base / "dm").mkdir()
+            (base / "dm/uuid").write_text(uuid + "\n")
+            (base / "slaves").mkdir()
+            for slave in slaves:
+                (base / "slaves" / slave).mkdir()
+    (sys_dir / "dev/block").mkdir(parents=True)
+    for number, name in majmin.items():
+        os.symlink(f"../../class/block/{name}", sys_dir / "dev/block" / number)
+    return str(sys_dir)
+
+
+def test_encrypted_devices_are_found_through_lvm_and_crypt(tmp_path: Path) -> None:
+    sys_dir = fake_sysfs(
+        tmp_path,
+        {
+            "sda": ("", []),
+            "dm-0": ("CRYPT-LUKS2-abc-cr_var", ["sda"]),
+            "dm-1": ("LVM-xyz", ["dm-0"]),  # LV on an encrypted PV
+            "dm-2": ("LVM-uvw", ["dm-0", "sda"]),  # one PV plain
+            "dm-3": ("LVM-empty", []),
+        },
+        {"8:0": "sda", "254:0": "dm-0", "254:1": "dm-1", "254:2": "dm-2", "254:3": "dm-3"},
+    )
+    assert guests.device_encrypted("254:0", sys_dir)
+    assert guests.device_encrypted("254:1", sys_dir)
+    assert not guests.device_encrypted("254:2", sys_dir)
+    assert not guests.device_encrypted("254:3", sys_dir)
+    assert not guests.device_encrypted("8:0", sys_dir)
+    assert not guests.device_encrypted("9:9", sys_dir)
+
+
+def test_managedsave_refusal_explains_where_ram_would_go(cfg: config.Config) -> None:
+    refusal = guests.save_dir_refusal(cfg)
+    assert refusal is not None
+    assert "/var/lib/libvirt/qemu/save" in refusal
+    assert "unencrypted" in refusal and "on_timeout=destroy" in refusal
+
+
+def test_unit_timeouts_cover_what_guest_start_and_stop_may_wait() -> None:
+    usec = 1_000_000
+    assert (guests.EARLIER_GUEST_WAIT + guests.START_DEADLINE) * usec <= units.START_BUDGET_USEC
+    assert guests.POLICY_SECONDS["managedsave"] >= virt.SAVE_DEADLINE
+    assert guests.POLICY_SECONDS["destroy"] >= 30  # destroy, then the wait for shut off
+
+
+def test_effective_policies_for_status(cfg: config.Config) -> None:
+    table = {row["guest"]: row for row in guests.effective_policies(cfg)}
+    assert [row["guest"] for row in guests.effective_policies(cfg)] == ["mail", "db", "web"]
+    assert table["web"]["on_timeout"] == "managedsave"
+    assert table["web"]["stop_timeout"] == "10s"
+    assert table["db"]["start_delay"] == "5s"
+    assert table["mail"]["unit_stop_timeout"] == "1min 10s"
+    assert table["mail"]["unit"] == "luksvm-guest@mail.service"
+
+
+def test_select_keeps_start_order_and_refuses_unknown(cfg: config.Config) -> None:
+    assert guests.select(cfg, [], True) == ["mail", "db", "web"]
+    assert guests.select(cfg, ["web", "mail"], False) == ["mail", "web"]
+    with pytest.raises(UsageError, match="no guest 'nosuch'"):
+        guests.select(cfg, ["nosuch"], False)
+    with pytest.raises(UsageError, match="--all"):
+        guests.select(cfg, [], False)
+    with pytest.raises(UsageError, match="not both"):
+        guests.select(cfg, ["mail"], True)
+
+
+def test_a_guest_waits_only_for_lower_order_units_that_are_starting(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guests, "POLL_SECONDS", 0.01)
+    asked: list[str] = []
+    states = iter(["activating", "activating", "active"])
+
+    def active_state(unit: str) -> str:
+        asked.append(unit)
+        return next(states) if "db" in unit else "inactive"
+
+    assert guests.earlier_guests(cfg, "web") == ["mail", "db"]
+    guests.wait_for_earlier_units(cfg, "web", active_state, timeout=5)
+    assert asked.count("luksvm-guest@db.service") == 3
+    asked.clear()
+    guests.wait_for_earlier_units(cfg, "mail", active_state, timeout=5)
+    assert asked == []  # order 0: nobody before it
+
+
+def test_dry_run_plans(cfg: config.Config) -> None:
+    names = ["mail", "db", "web"]
+    assert guests.plan(cfg, "stop", names, through_units=True)[0] == (
+        "systemctl stop luksvm-guest@mail.service luksvm-guest@db.service luksvm-guest@web.service"
+    )
+    assert guests.plan(cfg, "stop", ["web"], through_units=False) == [
+        "web: ACPI shutdown, wait up to 10s, then on_timeout=managedsave (all at once)"
+    ]
+    assert guests.plan(cfg, "start", ["db", "web"], through_units=False) == [
+        "db: start once cr_db unlocked, then wait 5s",
+        "web: start once cr_web unlocked",
+    ]
+
+
+def test_cli_dry_run_changes_nothing(
+    cfg: config.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from luksvm.cli import main
+
+    assert main(["--root", cfg.root, "stop", "--all", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "mail: ACPI shutdown, wait up to 10s, then on_timeout=destroy (all at once)"
+
+
+def test_stop_through_units_one_systemctl_for_active_units_direct_for_the_rest(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from luksvm import run
+
+    ran: list[tuple[list[str], float]] = []
+    direct: list[list[str]] = []
+    monkeypatch.setattr(guests, "unit_state", lambda u: "inactive" if "web" in u else "active")
+    monkeypatch.setattr(run, "run", lambda argv, timeout: ran.append((argv, timeout)))
+    monkeypatch.setattr(
+        guests, "stop_guests", lambda _c, names, _connect: direct.append(list(names)) or []
+    )
+    guests.stop_through_units(cfg, ["mail", "db", "web"])
+    assert ran == [
+        (
+            ["systemctl", "stop", "luksvm-guest@mail.service", "luksvm-guest@db.service"],
+            70 + 60,  # the longest stop budget of those units, plus a minute
+        )
+    ]
+    assert direct == [["web"]]

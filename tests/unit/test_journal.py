@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+
+from luksvm import journal
+
+
+def test_journal_handler_gives_python_systemd_what_it_formats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The real journal.send builds every field before it talks to journald (CODE_LINE with {:d});
+    # here it has no journald to reach, so only an error in building the fields is ours.
+    from systemd import journal as systemd_journal
+
+    sent: list[dict[str, object]] = []
+    real_send = systemd_journal.send
+
+    def send(message: str, **fields: object) -> None:
+        sent.append(fields)
+        with contextlib.suppress(OSError):  # no journald socket on this machine
+            real_send(message, **fields)
+
+    handler = journal.JournalHandler()
+    handler._send = send
+    errors: list[BaseException] = []
+    monkeypatch.setattr(handler, "handleError", lambda _record: errors.append(Exception()))
+    record = logging.LogRecord("luksvm", logging.INFO, __file__, 7, "guest %s", ("mail",), None)
+    for name, value in journal.fields(guest="mail", message_id="guest-stopped").items():
+        setattr(record, name, value)
+    handler.emit(record)
+    assert errors == []
+    assert sent[0]["LUKSVM_GUEST"] == "mail"
+    assert sent[0]["CODE_LINE"] == 7

@@ -104,6 +104,73 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _volumes(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The configuration and the volumes named on the command line (or all of them)."""
+    from luksvm import config
+
+    cfg = config.load(args.root)
+    if args.all == bool(args.names):
+        raise UsageError("name one or more volumes, or give --all")
+    return cfg, list(cfg.volumes) if args.all else [cfg.volume(name) for name in args.names]
+
+
+def print_plans(plans: Sequence[Any]) -> None:
+    """A dry run: what would be run, one command a line, comments for the rest."""
+    for plan in plans:
+        label = f"{plan.volume}: " if plan.volume else ""
+        for note in plan.notes:
+            print(f"# {label}{note}")
+        if plan.refusal:
+            print(f"# {label}refused: {plan.refusal}")
+        elif plan.done:
+            print(f"# {label}{plan.done}")
+        for step, command in zip(plan.steps, plan.commands()):
+            print(
+                command + ("  # key from python keyring on stdin" if step.key_from_keyring else "")
+            )
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from luksvm import unlock
+
+    cfg, volumes = _volumes(args)
+    plans = unlock.unlock(cfg, volumes, no_start=args.no_start, dry_run=args.dry_run)
+    if args.dry_run:
+        print_plans(plans)
+        return EXIT_FAIL if any(p.refusal for p in plans) else EXIT_OK
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from luksvm import unlock
+
+    cfg, volumes = _volumes(args)
+    plans = unlock.lock(
+        cfg, volumes[::-1] if args.all else volumes, from_unit=args.from_unit, dry_run=args.dry_run
+    )
+    if args.dry_run:
+        print_plans(plans)
+        return EXIT_FAIL if any(p.refusal for p in plans) else EXIT_OK
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from luksvm import config, status
+
+    data = status.gather(config.load(args.root))
+    if args.json:
+        print_json(data)
+        return EXIT_OK
+    volumes, guests = status.rows(data)
+    print_table(volumes)
+    if len(guests) > 1:
+        print()
+        print_table(guests)
+    for problem in data["problems"]:
+        print(f"luksvm: {problem}", file=sys.stderr)
+    return EXIT_FAIL if data["problems"] else EXIT_OK
+
+
 def cmd_guest_start(args: argparse.Namespace) -> int:
     import os
 
@@ -400,6 +467,37 @@ def build_parser() -> Parser:
     doctor_parser.add_argument("--list", action="store_true", help="list the checks and exit")
     doctor_parser.add_argument("checks", nargs="*", metavar="CHECK", help="run only these checks")
     doctor_parser.set_defaults(func=cmd_doctor)
+
+    unlock = commands.add_parser(
+        "unlock",
+        help="unlock volumes (through their units when systemd runs), then start their guests",
+    )
+    unlock.add_argument("names", nargs="*", metavar="NAME", help="volume (mapping) name")
+    unlock.add_argument("--all", action="store_true", help="every configured volume")
+    unlock.add_argument(
+        "--no-start",
+        action="store_true",
+        help="unlock directly, start no unit and no guest (what the unlock units run)",
+    )
+    unlock.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    unlock.set_defaults(func=cmd_unlock)
+
+    lock = commands.add_parser(
+        "lock", help="deactivate the guest VGs on volumes and close them; refuse while held"
+    )
+    lock.add_argument("names", nargs="*", metavar="NAME", help="volume (mapping) name")
+    lock.add_argument("--all", action="store_true", help="every configured volume")
+    lock.add_argument(
+        "--from-unit",
+        action="store_true",
+        help="lock directly, not through the unit (what the unlock units run at stop)",
+    )
+    lock.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    lock.set_defaults(func=cmd_lock)
+
+    status = commands.add_parser("status", help="show volumes and guests")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
 
     guest_parser = commands.add_parser(
         "guest", help="start or stop one guest (what luksvm-guest@GUEST.service runs)"

@@ -7,9 +7,12 @@ LUKS2 in bytes: LuksHeader.data_offset is always bytes.
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from luksvm.durations import USEC_PER_SEC, parse_timespan
 from luksvm.errors import LuksvmError
 from luksvm.run import run
 
@@ -218,3 +221,92 @@ def open_with_key(device: str, name: str, key: bytes) -> None:
 
 def close_mapping(name: str) -> None:
     run(["cryptsetup", "close", name], timeout=TIMEOUT)
+
+
+# --- opening and closing: argv builders for plans ---------------------------------------------
+
+# Where systemd keeps systemd-cryptsetup, newest layout first (Debian 12: /lib/systemd).
+SYSTEMD_CRYPTSETUP = (
+    "/usr/bin/systemd-cryptsetup",
+    "/usr/lib/systemd/systemd-cryptsetup",
+    "/lib/systemd/systemd-cryptsetup",
+)
+
+# crypttab(5) options as `cryptsetup open` flags, for machines without systemd-cryptsetup.
+OPEN_FLAGS = {
+    "discard": "--allow-discards",
+    "readonly": "--readonly",
+    "read-only": "--readonly",
+    "same-cpu-crypt": "--perf-same_cpu_crypt",
+    "submit-from-crypt-cpus": "--perf-submit_from_crypt_cpus",
+    "no-read-workqueue": "--perf-no_read_workqueue",
+    "no-write-workqueue": "--perf-no_write_workqueue",
+}
+OPEN_VALUES = {
+    "key-slot": "--key-slot",
+    "keyfile-offset": "--keyfile-offset",
+    "keyfile-size": "--keyfile-size",
+    "tries": "--tries",
+}
+# Options that mean nothing to a LUKS volume opened with a key given to cryptsetup (the header
+# fixes cipher, hash and offset; headless only matters to prompts systemd-cryptsetup would show).
+OPEN_IGNORES = frozenset(
+    {"luks", "cipher", "hash", "offset", "skip", "size", "sector-size", "verify", "headless"}
+    | {"password-echo", "noauto", "nofail", "_netdev", "x-systemd.device-timeout"}
+    | {"keyfile-timeout", "x-initrd.attach", "integrity-ignore-nofail"}
+)
+
+
+def find_systemd_cryptsetup(exists: Callable[[str], bool] = os.path.exists) -> str:
+    """The systemd-cryptsetup binary, or "" when this machine has none."""
+    return next((path for path in SYSTEMD_CRYPTSETUP if exists(path)), "")
+
+
+def attach_argv(
+    binary: str, name: str, device: str, key_file: str, options: Sequence[str]
+) -> tuple[str, ...]:
+    """`systemd-cryptsetup attach NAME DEVICE KEYFILE OPTIONS`; key_file "-" means ask."""
+    return (binary, "attach", name, device, key_file or "-", ",".join(options))
+
+
+def open_argv(
+    device: str, name: str, options: Sequence[str], key_file: str = ""
+) -> tuple[str, ...]:
+    """`cryptsetup open` for a LUKS device with crypttab(5) `options` translated to flags.
+
+    key_file "-" reads the key from stdin, "" asks for a passphrase on the terminal. An option
+    cryptsetup cannot carry out (tokens, keyfile-erase, …) is refused rather than dropped.
+    """
+    argv = ["cryptsetup", "open", "--type", "luks"]
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key in OPEN_FLAGS and not sep:
+            if OPEN_FLAGS[key] not in argv:
+                argv.append(OPEN_FLAGS[key])
+        elif key in OPEN_VALUES and sep:
+            argv += [OPEN_VALUES[key], value]
+        elif key == "timeout" and sep:
+            argv += ["--timeout", str(_seconds(value))]
+        elif key not in OPEN_IGNORES:
+            raise LuksvmError(
+                f"{name}: option {option!r} needs systemd-cryptsetup, which this machine lacks "
+                f"(looked at {', '.join(SYSTEMD_CRYPTSETUP)}); install it (Debian: "
+                "systemd-cryptsetup) or remove the option"
+            )
+    if key_file == "-":
+        argv.append("--key-file=-")
+    elif key_file:
+        argv += ["--key-file", key_file]
+    argv += [device, name]
+    return tuple(argv)
+
+
+def _seconds(value: str) -> int:
+    try:
+        return -(-parse_timespan(value) // USEC_PER_SEC)  # round up: 0.5s must not become 0
+    except ValueError as error:
+        raise LuksvmError(f"timeout={value}: {error}") from None
+
+
+def close_argv(name: str) -> tuple[str, ...]:
+    return ("cryptsetup", "close", name)

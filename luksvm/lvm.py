@@ -403,3 +403,66 @@ def devices_file_entries(path: str) -> list[dict[str, str]]:
             if "IDTYPE" in fields:
                 entries.append(fields)
     return entries
+
+
+# --- guest VGs on LUKS mappings (lock) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    uuid: str  # as LVM prints it, with dashes
+    pv_count: int  # PVs its metadata lists
+    pvs: tuple[str, ...]  # those found among the devices looked at
+
+    @property
+    def dm_uuid_prefix(self) -> str:
+        """What the device-mapper UUID of each of its active LVs starts with."""
+        return "LVM-" + self.uuid.replace("-", "")
+
+
+def volume_groups_on(devices: Sequence[str]) -> list[VolumeGroup]:
+    """The VGs with a PV on any of `devices`, each with all of its PVs among them.
+
+    `--devices` makes LVM look at exactly these devices, whatever the host's filter or devices
+    file says, so a guest VG hidden from the host is still found.
+    """
+    if not devices:
+        return []
+    args: list[str] = []
+    for device in devices:
+        args += ["--devices", device]
+    rows = report("pvs", ["pv_name", "vg_name", "vg_uuid", "pv_count"], args)
+    found: dict[str, VolumeGroup] = {}
+    for row in rows:
+        if not row["vg_name"]:
+            continue
+        vg = found.get(row["vg_name"])
+        pvs = (*vg.pvs, row["pv_name"]) if vg else (row["pv_name"],)
+        found[row["vg_name"]] = VolumeGroup(
+            row["vg_name"], row["vg_uuid"], int(row["pv_count"] or 0), pvs
+        )
+    return sorted(found.values(), key=lambda vg: vg.name)
+
+
+def deactivate_argv(vg: VolumeGroup) -> tuple[str, ...]:
+    """`vgchange -an` of `vg`, seeing every one of its PVs (one guest VG may span several
+    mappings) and nothing else."""
+    argv = ["vgchange", "-an"]
+    for pv in vg.pvs:
+        argv += ["--devices", pv]
+    return (*argv, vg.name)
+
+
+def split_dm_name(name: str) -> tuple[str, str]:
+    """VG and LV of an LV's device-mapper name ("my--vg-root" → ("my-vg", "root")): LVM doubles
+    the dashes inside each name and joins the two with a single one."""
+    index = 0
+    while True:
+        index = name.find("-", index)
+        if index < 0:
+            return name.replace("--", "-"), ""
+        if name[index : index + 2] == "--":
+            index += 2
+            continue
+        return name[:index].replace("--", "-"), name[index + 1 :].replace("--", "-")

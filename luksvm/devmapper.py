@@ -1,0 +1,191 @@
+"""Device-mapper devices as the kernel sees them: names, open counts, what is stacked on them, and
+who else holds them open (mounts, processes such as a guest's QEMU). Reads only.
+
+Open counts come from `dmsetup info -c` (sysfs has none); what is stacked on a device from
+/sys/block/dm-N/holders. A host kernel without device-mapper simply has no devices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from luksvm.run import run
+
+TIMEOUT = 30
+SYS_BLOCK = "/sys/block"
+PROC = "/proc"
+
+
+@dataclass(frozen=True)
+class DmDevice:
+    name: str  # the device-mapper name: cr_imap_encr, vgmail-root
+    kernel: str  # the block device: dm-7
+    uuid: str  # CRYPT-LUKS2-… for LUKS mappings, LVM-<vg uuid><lv uuid> for LVs
+    open_count: int
+    holders: tuple[str, ...]  # block devices stacked on this one (dm-9, md0)
+
+    @property
+    def is_crypt(self) -> bool:
+        return self.uuid.startswith("CRYPT-")
+
+    @property
+    def is_lv(self) -> bool:
+        return self.uuid.startswith("LVM-")
+
+
+def devices() -> list[DmDevice]:
+    """Every device-mapper device on this machine (none when the kernel has no device-mapper)."""
+    result = run(
+        [
+            "dmsetup",
+            "info",
+            "-c",
+            "--noheadings",
+            "--separator",
+            "|",
+            "-o",
+            "blkdevname,open,uuid,name",
+        ],
+        timeout=TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        return []
+    return [
+        DmDevice(d.name, d.kernel, d.uuid, d.open_count, holders_of(d.kernel))
+        for d in parse_info(result.stdout)
+    ]
+
+
+def parse_info(text: str) -> list[DmDevice]:
+    """Rows of `dmsetup info -c -o blkdevname,open,uuid,name` (name last: it may hold anything)."""
+    found = []
+    for line in text.splitlines():
+        parts = line.strip().split("|", 3)
+        if len(parts) == 4 and parts[1].isdigit():
+            kernel, count, uuid, name = parts
+            found.append(DmDevice(name, kernel, uuid, int(count), ()))
+    return found
+
+
+def holders_of(kernel: str) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir(os.path.join(SYS_BLOCK, kernel, "holders"))))
+    except OSError:
+        return ()
+
+
+def by_name(found: Iterable[DmDevice]) -> dict[str, DmDevice]:
+    return {device.name: device for device in found}
+
+
+# --- who holds a device open besides the devices stacked on it -------------------------------
+
+
+def users(kernels: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """For each block device (dm-7, …): its mounts and the processes with it open, described for
+    people: 'mounted at /srv', 'QEMU of guest "mail" (pid 812)'. Scans /proc: call it only when a
+    device is held by something that is not a stacked device."""
+    numbers = {}
+    for kernel in kernels:
+        number = _device_number(kernel)
+        if number is not None:
+            numbers[number] = kernel
+    found: dict[str, list[str]] = {kernel: [] for kernel in numbers.values()}
+    for number, mount_point in _mounts():
+        if number in numbers:
+            found[numbers[number]].append(f"mounted at {mount_point}")
+    for pid, number in _open_block_devices(set(numbers)):
+        description = describe_process(pid)
+        if description not in found[numbers[number]]:
+            found[numbers[number]].append(description)
+    return {kernel: tuple(descriptions) for kernel, descriptions in found.items()}
+
+
+def _device_number(kernel: str) -> int | None:
+    try:
+        with open(os.path.join(SYS_BLOCK, kernel, "dev"), encoding="ascii") as f:
+            major, _, minor = f.read().strip().partition(":")
+        return os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return None
+
+
+def _mounts() -> Iterable[tuple[int, str]]:
+    try:
+        with open(os.path.join(PROC, "self/mountinfo"), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and ":" in fields[2]:
+            major, _, minor = fields[2].partition(":")
+            # mountinfo writes a space as \040, a tab as \011, …
+            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            yield os.makedev(int(major), int(minor)), mount_point
+
+
+def _open_block_devices(numbers: set[int]) -> Iterable[tuple[int, int]]:
+    for entry in os.listdir(PROC):
+        if not entry.isdigit():
+            continue
+        fd_dir = os.path.join(PROC, entry, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or a kernel thread
+        for fd in fds:
+            try:
+                info = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if stat.S_ISBLK(info.st_mode) and info.st_rdev in numbers:
+                yield int(entry), info.st_rdev
+                break
+
+
+def describe_process(pid: int) -> str:
+    """'QEMU of guest "mail" (pid 812)' for a guest's QEMU, 'dd (pid 9)' for anything else."""
+    try:
+        with open(os.path.join(PROC, str(pid), "cmdline"), "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    guest = qemu_guest_name(argv)
+    if guest:
+        return f'QEMU of guest "{guest}" (pid {pid})'
+    command = os.path.basename(argv[0]) if argv else "a process"
+    return f"{command} (pid {pid})"
+
+
+def qemu_guest_name(argv: list[str]) -> str:
+    """The guest name libvirt gives QEMU (`-name guest=mail,debug-threads=on`), "" if not QEMU."""
+    if not argv or "qemu" not in os.path.basename(argv[0]):
+        return ""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "-name":
+            match = re.match(r"(?:guest=)?((?:[^,]|,,)*)", value)
+            return match.group(1).replace(",,", ",") if match else ""
+    return ""
+
+
+def names() -> set[str]:
+    """Names of the device-mapper devices that exist now, from sysfs (no process started)."""
+    found: set[str] = set()
+    try:
+        entries = os.listdir(SYS_BLOCK)
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.startswith("dm-"):
+            try:
+                with open(os.path.join(SYS_BLOCK, entry, "dm/name"), encoding="utf-8") as f:
+                    found.add(f.read().strip())
+            except OSError:
+                continue
+    return found

@@ -1,0 +1,132 @@
+"""`luksvm status`: every volume (locked or not, its device, what holds it, the guest VGs on it, its
+unit) and every guest (libvirt state, volumes, whether it may start, stop policy). Reads only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from luksvm import devmapper, guests, lvm, virt
+from luksvm.apply import systemd_running
+from luksvm.config import Config
+from luksvm.run import CommandError
+from luksvm.units import guest_unit, unlock_unit
+from luksvm.unlock import unit_states
+
+NOT_DEFINED = "not defined in libvirt"
+
+
+def guest_states(uri: str, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """libvirt's state of each guest (running, shut off, …), read-only; and what went wrong."""
+    if not names:
+        return {}, []
+    try:
+        with virt.connect(uri, readonly=True) as conn:
+            states = {}
+            for name in names:
+                domain = conn.find(name)
+                states[name] = domain.state() if domain else NOT_DEFINED
+            return states, []
+    except virt.VirtError as error:
+        return {}, [f"guest states not read: {error}"]
+
+
+def gather(config: Config) -> dict[str, Any]:
+    found = devmapper.devices()
+    by_name = devmapper.by_name(found)
+    by_kernel = {d.kernel: d for d in found}
+    open_volumes = [v for v in config.volumes if v.name in by_name]
+    problems: list[str] = []
+    try:
+        vgs = lvm.volume_groups_on([v.mapper_path for v in open_volumes])
+    except CommandError as error:  # status still shows the rest
+        vgs, problems = [], [f"guest VGs not read: {error}"]
+    systemd = systemd_running(config.root)
+    units = [unlock_unit(v.name) for v in config.volumes] + [
+        guest_unit(g.name) for g in config.guests
+    ]
+    states = unit_states(units) if systemd else {}
+    libvirt, more = guest_states(config.settings.uri, [g.name for g in config.guests])
+    problems += more
+    policies = {p["guest"]: p for p in guests.effective_policies(config)}
+    volumes = []
+    for volume in config.volumes:
+        mapping = by_name.get(volume.name)
+        path = os.path.realpath(volume.mapper_path)
+        volumes.append(
+            {
+                "name": volume.name,
+                "state": "unlocked" if mapping else "locked",
+                "device": volume.device,
+                "device_present": os.path.exists(volume.device),
+                "open_count": mapping.open_count if mapping else None,
+                "holders": [
+                    f"{k} ({by_kernel[k].name})" if k in by_kernel else k
+                    for k in (mapping.holders if mapping else ())
+                ],
+                "guest_vgs": sorted(
+                    vg.name
+                    for vg in vgs
+                    if mapping and any(os.path.realpath(pv) == path for pv in vg.pvs)
+                ),
+                "key": volume.key.kind,
+                "noauto": volume.noauto,
+                "guests": list(volume.guests),
+                "unit": _unit(unlock_unit(volume.name), states, systemd),
+            }
+        )
+    guest_rows = []
+    for guest in config.guests:
+        missing = [name for name in guest.volumes if name not in by_name]
+        guest_rows.append(
+            {
+                "name": guest.name,
+                "state": libvirt.get(guest.name, "unknown"),
+                "volumes": list(guest.volumes),
+                "may_start": not missing,
+                "locked_volumes": missing,
+                "stop_timeout": policies[guest.name]["stop_timeout"],
+                "on_timeout": policies[guest.name]["on_timeout"],
+                "unit": _unit(guest_unit(guest.name), states, systemd),
+            }
+        )
+    return {"systemd": systemd, "volumes": volumes, "guests": guest_rows, "problems": problems}
+
+
+def _unit(name: str, states: dict[str, str], systemd: bool) -> dict[str, str] | None:
+    if not systemd:
+        return None
+    return {"name": name, "state": states.get(name, "unknown")}
+
+
+def rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """The two tables `luksvm status` prints: volumes, then guests."""
+    volumes = [["VOLUME", "STATE", "DEVICE", "HOLDERS", "GUEST VGS", "UNIT"]]
+    for v in data["volumes"]:
+        device = v["device"] + ("" if v["device_present"] else " (missing)")
+        volumes.append(
+            [
+                v["name"],
+                v["state"],
+                device,
+                ", ".join(v["holders"]) or "-",
+                ", ".join(v["guest_vgs"]) or "-",
+                v["unit"]["state"] if v["unit"] else "-",
+            ]
+        )
+    guests = [["GUEST", "STATE", "VOLUMES", "MAY START", "STOP_TIMEOUT", "ON_TIMEOUT", "UNIT"]]
+    for g in data["guests"]:
+        may_start = "yes" if g["may_start"] else "no: " + ", ".join(g["locked_volumes"]) + " locked"
+        guests.append(
+            [
+                g["name"],
+                g["state"],
+                ", ".join(g["volumes"]),
+                may_start,
+                g["stop_timeout"],
+                g["on_timeout"],
+                g["unit"]["state"] if g["unit"] else "-",
+            ]
+        )
+    return volumes, guests

@@ -1,0 +1,480 @@
+"""Unlock and lock volumes.
+
+unlock: `systemd-cryptsetup attach` (what systemd's own crypttab units run), or `cryptsetup open`
+on machines without it; `keyring:` keys go through `cryptsetup open --key-file=-` with the secret on
+stdin. lock: deactivate every VG with a PV on the mapping, settle udev, close — and refuse, before
+changing anything, while anything else holds the mapping. Never forced.
+
+An admin's command (not --no-start / --from-unit) on a machine where systemd runs goes through the
+volume's unit instead, so that the unit owns the mapping and locks it again at shutdown; after
+unlocking, the guests whose volumes are all open are started through their units. unlock and lock
+never touch libvirt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from luksvm import cryptsetup, devmapper, journal, keys, lvm
+from luksvm.apply import systemd_running
+from luksvm.config import GENERATOR_OPTIONS, Config, Volume
+from luksvm.devmapper import DmDevice
+from luksvm.errors import LuksvmError
+from luksvm.lvm import VolumeGroup
+from luksvm.run import CommandError, run, run_interactive
+from luksvm.units import guest_unit, unlock_unit
+
+log = logging.getLogger("luksvm.unlock")
+
+SETTLE_TIMEOUT = 30
+VGCHANGE_TIMEOUT = 120
+UNIT_STOP_TIMEOUT = 120  # the unlock unit's TimeoutStopSec=90s, plus systemctl's own time
+SYSTEMCTL_TIMEOUT = 30
+
+# Options only systemd's crypttab generator acts on (luksvm's units do that work):
+# systemd-cryptsetup itself would warn about them.
+NOT_FOR_ATTACH = GENERATOR_OPTIONS | {"_netdev", "x-initrd.attach"}
+
+
+@dataclass(frozen=True)
+class Step:
+    argv: tuple[str, ...]
+    timeout: float = 60
+    interactive: bool = False  # on the caller's terminal with no timeout: a prompt may wait
+    key_from_keyring: bool = False  # the volume's keyring secret goes to stdin
+    unheld: bool = False  # check again right before running that nothing holds the mapping
+
+
+@dataclass(frozen=True)
+class Plan:
+    volume: str
+    action: str  # unlock | lock | start guests
+    steps: tuple[Step, ...] = ()
+    done: str = ""  # why there is nothing to do
+    refusal: str = ""  # why it must not be done; nothing was changed
+    notes: tuple[str, ...] = ()
+
+    def commands(self) -> list[str]:
+        return [shlex.join(step.argv) for step in self.steps]
+
+
+# --- systemd: unit names and states ------------------------------------------------------------
+
+
+def unit_states(units: Sequence[str]) -> dict[str, str]:
+    """ActiveState of each unit (active, inactive, failed, activating, …), one `systemctl show`."""
+    if not units:
+        return {}
+    result = run(
+        ["systemctl", "show", "--property=ActiveState", "--", *units], timeout=SYSTEMCTL_TIMEOUT
+    )
+    return parse_unit_states(units, result.stdout)
+
+
+def parse_unit_states(units: Sequence[str], text: str) -> dict[str, str]:
+    """`systemctl show` prints one block per unit, in the order asked, separated by blank lines."""
+    blocks = [block for block in text.strip().split("\n\n") if block.strip()]
+    states = {}
+    for unit, block in zip(units, blocks):
+        for line in block.splitlines():
+            key, _, value = line.partition("=")
+            if key == "ActiveState":
+                states[unit] = value
+    return states
+
+
+# --- unlock ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnlockProbe:
+    active: bool  # the mapping exists already
+    device_present: bool  # the backing device exists
+    systemd_cryptsetup: str  # its path, "" when this machine has none
+    terminal: bool  # stdin is a terminal: a person can answer a prompt
+    in_unit: bool = False  # run by a systemd service, whose prompts systemd's agents show
+    unit_active: bool | None = None  # None: go direct, not through the volume's unit
+
+
+def attach_options(volume: Volume) -> tuple[str, ...]:
+    """The options systemd-cryptsetup gets: the volume's own minus what only the generator reads,
+    always `luks` (never plain mode by accident), and for keyfile/keyring keys `headless=true` and
+    `tries=1` unless set: measured, without them a wrong keyfile falls back to a prompt that waits
+    forever."""
+    options = [o for o in volume.options if o.partition("=")[0] not in NOT_FOR_ATTACH]
+    if volume.option("luks") is None:
+        options.insert(0, "luks")
+    if volume.key.kind in ("file", "keyring"):
+        if volume.option("headless") is None:
+            options.append("headless=true")
+        if volume.option("tries") is None:
+            options.append("tries=1")
+    return tuple(options)
+
+
+def unlock_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Plan:
+    """What unlocking `volume` takes. key_file: its checked keyfile path (file keys only)."""
+    name = volume.name
+    if probe.unit_active is not None:
+        if probe.active and probe.unit_active:
+            return Plan(name, "unlock", done="already unlocked")
+        refusal = _cannot_unlock(volume, probe)
+        if refusal:
+            return Plan(name, "unlock", refusal=refusal)
+        # Even an open mapping goes through its unit: the unit adopts it (no prompt) and locks it
+        # at shutdown. Interactive, so that systemctl's password agent asks on this terminal.
+        start = Step(("systemctl", "start", unlock_unit(name)), interactive=True)
+        return Plan(name, "unlock", (start,))
+    if probe.active:
+        return Plan(name, "unlock", done="already unlocked")
+    refusal = _cannot_unlock(volume, probe)
+    if refusal:
+        return Plan(name, "unlock", refusal=refusal)
+    try:
+        if volume.key.kind == "keyring":
+            argv = cryptsetup.open_argv(volume.device, name, volume.options, key_file="-")
+            step = Step(argv, timeout=cryptsetup.KEY_TIMEOUT, key_from_keyring=True)
+        else:
+            if probe.systemd_cryptsetup:
+                argv = cryptsetup.attach_argv(
+                    probe.systemd_cryptsetup, name, volume.device, key_file, attach_options(volume)
+                )
+            else:
+                argv = cryptsetup.open_argv(volume.device, name, volume.options, key_file)
+            step = Step(argv, timeout=cryptsetup.KEY_TIMEOUT, interactive=volume.interactive)
+    except LuksvmError as error:
+        return Plan(name, "unlock", refusal=f"cannot unlock {error}")
+    return Plan(name, "unlock", (step,))
+
+
+def _cannot_unlock(volume: Volume, probe: UnlockProbe) -> str:
+    if probe.active:
+        return ""
+    if not probe.device_present:
+        return (
+            f"cannot unlock {volume.name}: its device {volume.device} ({volume.source}, "
+            f"{volume.where}) does not exist; is the backing LV active and the disk attached?"
+        )
+    # Through a unit only a terminal helps (systemctl's agent asks there); a service of its own
+    # (the unlock unit running --no-start) asks through systemd's agents.
+    answerable = probe.terminal or (probe.in_unit and probe.unit_active is None)
+    if volume.interactive and not answerable:
+        return (
+            f"cannot unlock {volume.name}: it asks for a passphrase and there is no terminal to "
+            f"ask on; log in with one: ssh -t HOST luksvm unlock {volume.name}"
+        )
+    return ""
+
+
+def probe_unlock(volume: Volume, active: set[str], unit_active: bool | None) -> UnlockProbe:
+    return UnlockProbe(
+        active=volume.name in active,
+        device_present=os.path.exists(volume.device),
+        systemd_cryptsetup=cryptsetup.find_systemd_cryptsetup(),
+        terminal=keys.terminal(),
+        in_unit=keys.in_unit(),
+        unit_active=unit_active,
+    )
+
+
+def guests_to_start(config: Config, volumes: Iterable[str], unlocked: set[str]) -> list[str]:
+    """Guests of `volumes` whose volumes are all in `unlocked`, in start order."""
+    touched = set(volumes)
+    return [
+        guest.name
+        for guest in config.guests
+        if touched & set(guest.volumes) and set(guest.volumes) <= unlocked
+    ]
+
+
+def start_guests_plan(guests: Sequence[str]) -> Plan:
+    """Start guests through their units. --no-block: each unit waits for libvirt on its own."""
+    argv = ("systemctl", "start", "--no-block", *(guest_unit(g) for g in guests))
+    note = "start the guests whose volumes are all unlocked: " + ", ".join(guests)
+    return Plan("", "start guests", (Step(argv, timeout=SYSTEMCTL_TIMEOUT),), notes=(note,))
+
+
+def unlock(
+    config: Config, volumes: Sequence[Volume], *, no_start: bool, dry_run: bool
+) -> list[Plan]:
+    """Unlock `volumes` (each on its own: one failure does not stop the rest), then start the
+    guests whose volumes are now all open. Returns the plans; with dry_run runs nothing."""
+    via_units = not no_start and systemd_running(config.root)
+    units = [unlock_unit(v.name) for v in volumes]
+    states = unit_states(units) if via_units else {}
+    active = devmapper.names()
+    plans = []
+    for volume, unit in zip(volumes, units):
+        unit_active = states.get(unit) == "active" if via_units else None
+        try:
+            key_file = keys.keyfile_path(volume, config.root) if volume.key.kind == "file" else ""
+        except LuksvmError as error:
+            plans.append(Plan(volume.name, "unlock", refusal=f"cannot unlock {error}"))
+            continue
+        plans.append(
+            unlock_plan(volume, probe_unlock(volume, active, unit_active), key_file=key_file)
+        )
+    failures = []
+    for plan in plans:
+        if dry_run:
+            continue
+        try:
+            execute(plan, config)
+        except LuksvmError as error:
+            failures.append(str(error))
+    if via_units:
+        # A dry run predicts; a real one looks at what is open now.
+        unlocked = (
+            active | {p.volume for p in plans if not p.refusal} if dry_run else devmapper.names()
+        )
+        guests = guests_to_start(config, (v.name for v in volumes), unlocked)
+        if guests:
+            plans.append(start_guests_plan(guests))
+            if not dry_run:
+                try:
+                    execute(plans[-1], config)
+                except LuksvmError as error:
+                    failures.append(str(error))
+    if failures:
+        raise LuksvmError("\n".join(failures))
+    return plans
+
+
+# --- lock --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockProbe:
+    devices: tuple[DmDevice, ...]  # every device-mapper device
+    vgs: tuple[VolumeGroup, ...]  # the VGs with a PV on the mapping, with all their PVs
+    users: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dm-N → mounts, processes
+
+
+def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
+    """What locking `volume` takes: deactivate its VGs, settle, close; or why not (held)."""
+    name = volume.name
+    by_kernel = {d.kernel: d for d in probe.devices}
+    mapping = next((d for d in probe.devices if d.name == name), None)
+    if mapping is None:
+        return Plan(name, "lock", done="already locked")
+    active_lvs = [d for d in probe.devices if _in(d, probe.vgs)]
+    ours = {d.kernel for d in active_lvs}
+    held: list[str] = []
+    for device in (mapping, *active_lvs):
+        held += _holders(device, ours, by_kernel, probe.users)
+    if held:
+        return Plan(
+            name,
+            "lock",
+            refusal=f"cannot lock {name}: still held by {', '.join(held)}; "
+            + _fix(volume, held, by_kernel),
+        )
+    steps = [
+        Step(lvm.deactivate_argv(vg), timeout=VGCHANGE_TIMEOUT)
+        for vg in probe.vgs
+        if any(_in(d, (vg,)) for d in active_lvs)
+    ]
+    if steps:
+        steps.append(
+            Step(("udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"), timeout=SETTLE_TIMEOUT + 5)
+        )
+    steps.append(Step(cryptsetup.close_argv(name), timeout=cryptsetup.TIMEOUT, unheld=True))
+    notes = tuple(
+        f"VG {vg.name} has {vg.pv_count} PVs, {len(vg.pvs)} of them on open LUKS mappings "
+        f"({', '.join(vg.pvs)}); LVM will call it partial"
+        for vg in probe.vgs
+        if vg.pv_count > len(vg.pvs)
+    )
+    return Plan(name, "lock", tuple(steps), notes=notes)
+
+
+def _in(device: DmDevice, vgs: Iterable[VolumeGroup]) -> bool:
+    return device.is_lv and any(device.uuid.startswith(vg.dm_uuid_prefix) for vg in vgs)
+
+
+def _holders(
+    device: DmDevice,
+    ours: set[str],
+    by_kernel: dict[str, DmDevice],
+    users: dict[str, tuple[str, ...]],
+) -> list[str]:
+    """What holds `device` and would still hold it after luksvm deactivated the VGs `ours`."""
+    held = []
+    for kernel in device.holders:
+        if kernel in ours:
+            continue
+        holder = by_kernel.get(kernel)
+        held.append(f"{kernel} ({holder.name}, active)" if holder else kernel)
+    others = device.open_count - len(device.holders)
+    if others > 0:
+        found = users.get(device.kernel, ())
+        what = f"{device.kernel} ({device.name})"
+        if device.is_lv:
+            held += [
+                f"{what} {user}" if user.startswith("mounted") else f"{what}: {user}"
+                for user in found
+            ]
+        else:
+            held += list(found)
+        if len(found) < others:
+            held.append(f"{others - len(found)} more opener(s) of {what} not found in /proc")
+    return held
+
+
+def _fix(volume: Volume, held: list[str], by_kernel: dict[str, DmDevice]) -> str:
+    fixes = []
+    guests = [h.split('"')[1] for h in held if 'QEMU of guest "' in h]
+    for guest in guests:
+        fixes.append(f'stop guest "{guest}" first (luksvm stop {guest})')
+    fixes += [f"unmount {h.split('mounted at ', 1)[1]}" for h in held if "mounted at " in h]
+    foreign_vgs = sorted(
+        {
+            lvm.split_dm_name(d.name)[0]
+            for d in by_kernel.values()
+            if d.is_lv and any(h.startswith(f"{d.kernel} ({d.name}, active)") for h in held)
+        }
+    )
+    fixes += [f"deactivate VG {vg} (vgchange -an {vg})" for vg in foreign_vgs]
+    if not fixes:
+        fixes = [f'stop guest "{g}" first (luksvm stop {g})' for g in volume.guests]
+    return "; ".join(fixes) or "stop what uses it first"
+
+
+def guest_vgs(device: str, candidates: Sequence[str]) -> list[VolumeGroup]:
+    """The VGs with a PV on `device`, each with all its PVs among `candidates` (the open LUKS
+    mappings: a guest VG may span several)."""
+    path = os.path.realpath(device)
+    return [
+        vg
+        for vg in lvm.volume_groups_on(candidates)
+        if any(os.path.realpath(pv) == path for pv in vg.pvs)
+    ]
+
+
+def probe_lock(volume: Volume, *, with_lvm: bool = True) -> LockProbe:
+    found = devmapper.devices()
+    mapping = devmapper.by_name(found).get(volume.name)
+    if mapping is None:
+        return LockProbe(tuple(found), ())
+    vgs: list[VolumeGroup] = []
+    if with_lvm:
+        vgs = guest_vgs(volume.mapper_path, [f"/dev/mapper/{d.name}" for d in found if d.is_crypt])
+    relevant = [mapping, *(d for d in found if _in(d, vgs))]
+    unexplained = [d.kernel for d in relevant if d.open_count > len(d.holders)]
+    users = devmapper.users(unexplained) if unexplained else {}
+    return LockProbe(tuple(found), tuple(vgs), users)
+
+
+def lock(
+    config: Config, volumes: Sequence[Volume], *, from_unit: bool, dry_run: bool
+) -> list[Plan]:
+    """Lock `volumes` (each on its own); an admin's lock goes through the volume's unit."""
+    via_units = not from_unit and systemd_running(config.root)
+    plans = []
+    for volume in volumes:
+        plan = lock_plan(volume, probe_lock(volume))
+        if via_units and not plan.done and not plan.refusal:
+            plan = _through_unit(volume, plan)
+        plans.append(plan)
+    failures = []
+    for plan in plans:
+        if dry_run:
+            continue
+        try:
+            execute(plan, config)
+        except LuksvmError as error:
+            failures.append(str(error))
+    if failures:
+        raise LuksvmError("\n".join(failures))
+    return plans
+
+
+def _through_unit(volume: Volume, plan: Plan) -> Plan:
+    """The admin's lock: refuse while a guest unit that requires the volume is active (stopping the
+    unlock unit would stop it through Requires=), else stop the unit, whose ExecStop locks."""
+    unit = unlock_unit(volume.name)
+    guests = {guest_unit(g): g for g in volume.guests}
+    states = unit_states([unit, *guests])
+    running = [
+        g for u, g in guests.items() if states.get(u) in ("active", "activating", "reloading")
+    ]
+    if running:
+        return Plan(
+            volume.name,
+            "lock",
+            refusal=f"cannot lock {volume.name}: guest unit(s) "
+            + ", ".join(guest_unit(g) for g in running)
+            + " require it and are active; stop them first: "
+            + "; ".join(f"luksvm stop {g}" for g in running),
+        )
+    if states.get(unit) != "active":
+        return plan  # not the unit's: lock it directly
+    stop = Step(("systemctl", "stop", unit), timeout=UNIT_STOP_TIMEOUT)
+    notes = (*plan.notes, f"{unit} ExecStop runs: " + "; ".join(plan.commands()))
+    return Plan(volume.name, "lock", (stop,), notes=notes)
+
+
+# --- the executor ------------------------------------------------------------------------------
+
+
+def execute(plan: Plan, config: Config) -> None:
+    """Carry out `plan`; the only function here that changes anything."""
+    fields = journal.fields(volume=plan.volume) if plan.volume else {}
+    if plan.refusal:
+        raise LuksvmError(plan.refusal)
+    for note in plan.notes:
+        log.info("%s", f"{plan.volume}: {note}" if plan.volume else note, extra=fields)
+    if plan.done:
+        log.info("%s: %s", plan.volume, plan.done, extra=fields)
+        return
+    volume = config.volume(plan.volume) if plan.volume else None
+    for step in plan.steps:
+        if step.unheld and volume is not None:
+            _refuse_if_held(volume)
+        try:
+            if step.interactive:
+                run_interactive(step.argv)
+            else:
+                secret = None
+                if step.key_from_keyring and volume is not None:
+                    secret = keys.keyring_secret(volume, config.settings)
+                run(step.argv, timeout=step.timeout, stdin=secret, secret=secret is not None)
+        except CommandError as error:
+            raise LuksvmError(_failed(plan, step, error)) from None
+    if volume is not None:
+        _verify(plan)
+
+
+def _refuse_if_held(volume: Volume) -> None:
+    """After its VGs are off: anything still holding the mapping is not ours to remove."""
+    again = lock_plan(volume, probe_lock(volume, with_lvm=False))
+    if again.refusal:
+        raise LuksvmError(again.refusal)
+
+
+def _failed(plan: Plan, step: Step, error: CommandError) -> str:
+    if step.argv[:2] == ("systemctl", "start") and plan.action == "unlock":
+        unit = step.argv[-1]
+        return f"cannot unlock {plan.volume}: {unit} failed; see: journalctl -u {shlex.quote(unit)}"
+    return f"cannot {plan.action} {plan.volume}: {error}"
+
+
+def _verify(plan: Plan) -> None:
+    """Say what happened, and check it did (a unit's ExecStop failing still stops the unit)."""
+    is_open = plan.volume in devmapper.names()
+    fields = journal.fields(volume=plan.volume, message_id=f"{plan.action}ed")
+    if plan.action == "unlock" and is_open:
+        log.info("%s: unlocked", plan.volume, extra=fields)
+    elif plan.action == "lock" and not is_open:
+        log.info("%s: locked", plan.volume, extra=fields)
+    else:
+        hint = f"; see: journalctl -u {shlex.quote(unlock_unit(plan.volume))}"
+        raise LuksvmError(
+            f"{plan.volume}: still {'locked' if plan.action == 'unlock' else 'open'} after "
+            + "; ".join(plan.commands())
+            + hint
+        )

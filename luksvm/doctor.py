@@ -20,7 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
-from luksvm import apply, backup, blockdev, config, cryptsetup, guests, lvm, systemctl, trim, units
+from luksvm import (
+    apply,
+    backup,
+    blockdev,
+    config,
+    cryptsetup,
+    guests,
+    keys,
+    lvm,
+    systemctl,
+    trim,
+    units,
+)
 from luksvm.config import Config, Problem, Volume
 from luksvm.cryptsetup import LuksHeader
 from luksvm.durations import format_timespan
@@ -1287,24 +1299,55 @@ def _autoactivation(host: Host) -> Iterator[Finding]:
 # --- keys and swap -------------------------------------------------------------------------------
 
 
-@check("keys", "keyfiles are safe and keyring: keys resolve")
-def keys(host: Host) -> Iterator[Finding]:
-    volumes = [v for v in host.config.volumes if v.key.kind == "file"]
-    if not host.config.volumes:
+@check("keys", "keyfiles are root's and private, not on plain disks; keyring: keys resolve")
+def keys_check(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if not cfg.volumes:
         yield Finding.skip(HOST, "no volumes configured")
-    for volume in volumes:
-        path = host.path(volume.key.path)
-        if not os.path.exists(path):
-            yield Finding.fail(
-                volume.name,
-                f"keyfile {volume.key.path} does not exist: the volume cannot be unlocked",
-                fix=f"restore the keyfile, or change the key at {volume.where}",
-            )
-            continue
-        yield _keyfile_at_rest(host, volume, path)
-    for volume in host.config.volumes:
-        if volume.key.kind == "ask":
+    for volume in cfg.volumes:
+        if volume.key.kind == "file":
+            path = host.path(volume.key.path)
+            try:
+                keys.check_keyfile(volume.name, path)  # what unlock refuses, doctor reports
+            except LuksvmError as error:
+                message, fix = _message_and_fix(volume, error)
+                yield Finding.fail(volume.name, message, fix=fix)
+                continue
+            yield _keyfile_at_rest(host, volume, path)
+        elif volume.key.kind == "keyring":
+            yield _keyring_key(host, volume)
+        else:
             yield Finding.ok(volume.name, "passphrase asked at unlock (nothing stored on the host)")
+
+
+def _message_and_fix(volume: Volume, error: LuksvmError) -> tuple[str, str]:
+    """keys' messages read "NAME: what; fix: how" (or "…; how"): split them into the two."""
+    text = str(error).removeprefix(f"{volume.name}: ")
+    what, separator, how = text.partition("; fix: ")
+    if not separator:
+        what, separator, how = text.rpartition("; ")
+    return (what, how) if separator else (text, "")
+
+
+def _keyring_key(host: Host, volume: Volume) -> Finding:
+    """Resolve the secret as the unlock unit will: with [keys] keyring_backend, the backend the
+    units get through PYTHON_KEYRING_BACKEND (a system unit has no session bus for any other)."""
+    settings = host.config.settings
+    if not settings.keyring_backend:
+        return Finding.fail(
+            volume.name,
+            f"key {volume.key} needs python keyring, but [keys] keyring_backend is not set: the "
+            "unlock unit has no session bus, so keyring's default backend cannot answer it "
+            "(a shell here may still resolve it)",
+            fix=f"set keyring_backend = {keys.EXAMPLE_BACKEND} (or the backend holding the "
+            f"secret) in [keys] of /{config.SETTINGS_FILE}, then luksvm apply",
+        )
+    try:
+        keys.keyring_secret(volume, settings)  # the bytes are dropped at once
+    except LuksvmError as error:
+        message, fix = _message_and_fix(volume, error)
+        return Finding.fail(volume.name, message, fix=fix)
+    return Finding.ok(volume.name, f"{volume.key} resolves through {settings.keyring_backend}")
 
 
 def _keyfile_at_rest(host: Host, volume: Volume, path: str) -> Finding:

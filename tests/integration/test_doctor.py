@@ -315,3 +315,33 @@ def test_guests_against_the_libvirt_test_driver(tmp_path: Path) -> None:
     )  # a by-id dm-name source counts as the mapping
     assert by(findings, "web").status == FAIL
     assert "no libvirt domain web" in by(findings, "web").message
+
+
+def test_keyring_keys_resolve_only_through_the_configured_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keyring.core
+
+    plaintext = "keyrings.alt.file.PlaintextKeyring"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    # a shell's backend must not make doctor say yes for the units, which do not have it
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", plaintext)
+    keyring.core.load_keyring(plaintext).set_password("luksvm", "cr_a", "s3cret-key")
+    lines = "cr_a /dev/a keyring:luksvm/cr_a luks\ncr_b /dev/b keyring:luksvm/cr_b luks\n"
+
+    root = write_config(tmp_path / "plain", {"10.conf": lines})
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["keys"]))
+    assert by(findings, "cr_a").status == FAIL
+    assert "[keys] keyring_backend is not set" in by(findings, "cr_a").message
+
+    root = write_config(
+        tmp_path / "set", {"10.conf": lines}, f"[keys]\nkeyring_backend = {plaintext}\n"
+    )
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["keys"]))
+    assert by(findings, "cr_a") == Finding(
+        OK, "cr_a", f"keyring:luksvm/cr_a resolves through {plaintext}", check="keys"
+    )
+    assert by(findings, "cr_b").status == FAIL
+    assert "holds no secret for service 'luksvm' user 'cr_b'" in by(findings, "cr_b").message
+    assert by(findings, "cr_b").fix.startswith("store it with: ")
+    assert all("s3cret-key" not in f.message + f.fix for f in findings)

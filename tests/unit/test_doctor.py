@@ -476,12 +476,15 @@ def test_keyfile_on_an_unencrypted_filesystem_warns_and_a_missing_one_fails(
     root = seed(
         tmp_path,
         "cr_a /dev/a /etc/luksvm/keys/a.key luks\ncr_b /dev/b /etc/luksvm/keys/b.key luks\n"
-        "cr_c /dev/c /etc/luksvm/keys/c.key luks\ncr_d /dev/d - luks\n",
+        "cr_c /dev/c /etc/luksvm/keys/c.key luks\ncr_d /dev/d - luks\n"
+        "cr_e /dev/e /etc/luksvm/keys/e.key luks\n",
     )
     keys = root / "etc/luksvm/keys"
     keys.mkdir()
-    for name in ("a", "c"):
+    for name in ("a", "c", "e"):
         (keys / f"{name}.key").write_bytes(b"k")
+        (keys / f"{name}.key").chmod(0o400)
+    (keys / "e.key").chmod(0o644)
     backings = {
         str(keys / "a.key"): blockdev.Backing(False, False, "sda2"),
         str(keys / "c.key"): blockdev.Backing(True, False, "dm-0 (dm-crypt root)"),
@@ -494,6 +497,9 @@ def test_keyfile_on_an_unencrypted_filesystem_warns_and_a_missing_one_fails(
     assert by(findings, "cr_b").status == FAIL
     assert by(findings, "cr_c").status == OK
     assert by(findings, "cr_d").status == OK
+    assert by(findings, "cr_e").status == FAIL
+    assert "has mode 0644: group or others may access it" in by(findings, "cr_e").message
+    assert by(findings, "cr_e").fix == f"chmod 0400 {keys / 'e.key'}"
 
 
 def test_unencrypted_swap_warns_and_encrypted_or_zram_swap_is_fine(

@@ -1364,21 +1364,10 @@ def adopt(cfg: Config, name: str) -> None:
         run(["systemctl", "start", units.unlock_unit(name)], timeout=120)
 
 
-def _not_wired(what: str) -> Callable[..., Any]:
-    def refuse(*_args: Any) -> Any:
-        raise LuksvmError(f"{what} is not part of this luksvm build")
-
-    return refuse
-
-
 def default_services() -> Services:
-    """The real implementations. TODO(lead): wire the parts still on other branches —
-    lock_volume → unlock.lock(cfg, [cfg.volume(name)], from_unit=False, dry_run=False), after
-      guests.stop_through_units(cfg, [guest]) if its guest unit is active (branch storage);
-    check_keyfile → keys.check_keyfile; keyring_secret → keys.keyring_secret(volume,
-      cfg.settings) (branch storage);
-    doctor → doctor.format_report(*…) of doctor.doctor(root) (branch doctor)."""
-    from luksvm import apply, guests
+    """The real implementations (fakes replace them in tests). Doctor is wired in cli.py's
+    handler when it is part of the build."""
+    from luksvm import apply, guests, keys, unlock
 
     def apply_config(cfg: Config) -> list[str]:
         result = apply.apply(cfg)
@@ -1391,36 +1380,16 @@ def default_services() -> Services:
     def stop_guest(cfg: Config, name: str) -> None:
         guests.stop_guest(cfg, name, guests.connector(cfg))
 
+    def lock_volume(cfg: Config, name: str) -> None:
+        unlock.lock(cfg, [cfg.volume(name)], from_unit=False, dry_run=False)
+
     return Services(
         stop_guest=stop_guest,
-        lock_volume=_lock_by_closing,
+        lock_volume=lock_volume,
         adopt=adopt,
         backup_header=backup_header,
         doctor=lambda _root: "(doctor is not part of this build)",
         apply=apply_config,
-        check_keyfile=_check_keyfile,
-        keyring_secret=_not_wired("reading keyring: keys"),
+        check_keyfile=keys.check_keyfile,
+        keyring_secret=lambda volume, cfg: keys.keyring_secret(volume, cfg.settings),
     )
-
-
-def _lock_by_closing(cfg: Config, name: str) -> None:
-    """Stand-in for unlock.lock until branch storage is in main: stop the unit, or close."""
-    from luksvm import apply, units
-
-    if apply.systemd_running(cfg.root):
-        run(["systemctl", "stop", units.unlock_unit(name)], timeout=120)
-    if cryptsetup.status(name).active:
-        cryptsetup.close_mapping(name)
-
-
-def _check_keyfile(volume: str, path: str) -> None:
-    """Stand-in for keys.check_keyfile until branch storage is in main."""
-    try:
-        info = os.stat(path)
-    except OSError as error:
-        raise LuksvmError(f"{volume}: keyfile {path}: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o077:
-        raise LuksvmError(
-            f"{volume}: keyfile {path} must be a regular file owned by root with mode 0400 "
-            f"(fix: chown root:root {path}; chmod 0400 {path})"
-        )

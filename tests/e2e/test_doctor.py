@@ -30,7 +30,8 @@ def test_doctor_names_the_leak_and_its_fix_stops_it(host: vm.Machine) -> None:
     assert web["status"] == "WARN"
     names = [pv["pv_name"] for pv in before.json("pvs-a.json")["report"][0]["pv"]]
     assert "/dev/mapper/cr_imap_encr" not in names and names, names
-    vm.note("doctor on the seed host", before.text("before.txt").splitlines()[0])
+    vm.note("doctor guest-vg-leak on the seed host", before.text("before.txt"))
+    vm.note("the printed filter", line)
 
     after = host.boot(vm.scenario("doctor-after.sh"), timeout=600)
 

@@ -7,6 +7,8 @@ cat > /etc/luksvm/crypttab.d/10-seed.conf <<'CONF'
 cr_imap_encr /dev/volgrp4/lvimap_hd0 /etc/luksvm/keys/imap.key luks,discard,x-luksvm.guest=mail
 cr_web       /dev/volgrp4/lvweb_hd0  /etc/luksvm/keys/web.key  luks,discard,x-luksvm.guest=web
 CONF
+# the seed's guests have no OS and ignore ACPI: keep the shutdown of the next boot short
+printf '[guests]\nstop_timeout = 5s\n' > /etc/luksvm/luksvm.conf
 step apply luksvm apply
 step enable systemctl enable luksvm.target
 step unlock luksvm unlock --no-start cr_imap_encr

@@ -31,6 +31,7 @@ from . import settings
 
 SUITE = "bookworm"
 IMAGE_SIZE = "4G"
+PRUNE_AFTER_DAYS = 14
 HERE = Path(__file__).resolve().parent
 ROOTFS_OVERLAY = HERE / "rootfs"
 
@@ -146,21 +147,41 @@ def ensure_image(cache: Path | None = None, *, log: Path | None = None) -> tuple
     images.mkdir(parents=True, exist_ok=True)
     key = image_key()
     image = Image(images / key, key)
-    if (image.dir / "complete").exists():
-        return image, False
-    with _locked(images / f"{key}.lock"):
-        if (image.dir / "complete").exists():
-            return image, False
-        _build(image, log=log)
-    return image, True
+    built = False
+    if not (image.dir / "complete").exists():
+        with _locked(images / f"{key}.lock"):
+            if not (image.dir / "complete").exists():
+                _build(image, log=log)
+                built = True
+    (image.dir / "last-used").touch()
+    _prune(images, keep=key)
+    return image, built
+
+
+def _prune(images: Path, keep: str) -> None:
+    """Delete images no session has used for PRUNE_AFTER_DAYS (other branches may use others)."""
+    cutoff = time.time() - PRUNE_AFTER_DAYS * 86400
+    for directory in images.iterdir():
+        if directory.name == keep or not (directory / "complete").exists():
+            continue
+        stamp = directory / "last-used"
+        used = (stamp if stamp.exists() else directory).stat().st_mtime
+        if used < cutoff:
+            with _locked(images / f"{directory.name}.lock", wait=False) as locked:
+                if locked:
+                    shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, *, wait: bool = True) -> Iterator[bool]:
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -148,9 +148,19 @@ class Journal:
             raise AssertionError(f"no journal entry matches {_describe(message, filters)}")
         return found[-1]
 
-    def job(self, unit: str, job_type: str = "start", *, boot: str | None = None) -> Entry:
-        """systemd's entry saying a start (or stop) job of `unit` finished, e.g. "Started X."."""
-        return self.last(about=unit, JOB_TYPE=job_type, boot=boot)
+    def job(
+        self, unit: str, job_type: str = "start", *, boot: str | None = None, result: str = "done"
+    ) -> Entry:
+        """systemd's entry saying a start (or stop) job of `unit` ended ("Started X.", "Finished
+        X.", "Stopped X."); `result` is the job result (done, failed, dependency, timeout...)."""
+        return self.last(about=unit, JOB_TYPE=job_type, JOB_RESULT=result, boot=boot)
+
+    def job_began(self, unit: str, job_type: str = "start", *, boot: str | None = None) -> Entry:
+        """systemd's entry saying a start (or stop) job of `unit` began ("Starting X...")."""
+        for entry in reversed(self.find(about=unit, JOB_TYPE=job_type, boot=boot)):
+            if not entry.get("JOB_RESULT"):
+                return entry
+        raise AssertionError(f"no journal entry: {job_type} job of {unit} began (boot {boot})")
 
     def text(self, *, boot: str | None = None) -> str:
         """Human-readable lines, for failure messages and debugging."""

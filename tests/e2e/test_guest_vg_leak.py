@@ -35,12 +35,17 @@ def test_host_lvm_activates_guest_vg_and_close_fails(host: Machine) -> None:
     assert "in use" in second.text("close-while-guest-vg-active.err")
     assert second.steps["close"].rc == 0  # guest VG off first, then close: fine
 
-    # The journal tells the story, in order: systemd-cryptsetup opened the volume, then LVM's
-    # event activation (a transient lvm-activate-vgmail unit) activated the guest VG.
+    # The journal tells the story, in order: systemd-cryptsetup opens the volume, udev's pvscan
+    # finds the guest's PV inside it, and LVM's event activation (a transient lvm-activate-vgmail
+    # unit) activates the guest's VG.
     journal = second.journal
-    opened = journal.job("systemd-cryptsetup@cr_imap_encr.service", boot=second.boot_id)
-    activated = journal.job("lvm-activate-vgmail.service", boot=second.boot_id)
-    assert_order(opened, activated)
+    boot = second.boot_id
+    assert_order(
+        journal.job_began("systemd-cryptsetup@cr_imap_encr.service", boot=boot),
+        journal.first(r"PV /dev/dm-\d+ online, VG vgmail is complete", boot=boot),
+        journal.job("lvm-activate-vgmail.service", boot=boot),
+        journal.first(r"1 logical volume\(s\) in volume group \"vgmail\" now active", boot=boot),
+    )
     # Every boot is in the journal, the first boot's shutdown included.
     assert journal.boot_ids[-2:] == [first.boot_id, second.boot_id]
     journal.first("Reached target.*Shutdown", boot=first.boot_id)

@@ -105,4 +105,4 @@ def test_failing_scenario_turns_the_run_red(e2e_image: Image, tmp_path: Path) ->
     assert "the scenario exited with rc=1" in output, output
     assert "serial console, last 40 lines" in output, output
     assert MARKER in output, output
-    assert "not reached" not in output, output
+    assert "E2E-RC: 1" in output, output

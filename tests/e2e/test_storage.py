@@ -17,7 +17,7 @@ def test_open_nested_vg_and_close_in_order(host: Machine) -> None:
     assert result.text("guest-fs-label") == "mailroot"
     assert result.steps["close-while-guest-vg-active"].rc != 0
     assert "in use" in result.text("close-while-guest-vg-active.err")
-    assert result.text("crypt-after.txt") == "No devices found"
+    assert result.text("crypt-after.txt") == ""  # no crypt mapping left
 
     timings = ", ".join(f"{step.name} {step.ms} ms" for step in result.steps.values())
     note("storage smoke steps", timings)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -97,6 +99,12 @@ class BootResult:
     seconds: float  # wall time of the whole QEMU run
     problem: str | None  # why the boot counts as failed; None when it ran and returned 0
     timings: dict[str, float] = field(default_factory=dict)  # runner_start, scenario_end (host s)
+
+    @property
+    def system_state(self) -> str:
+        """`systemctl is-system-running` as the scenario started: running, degraded, starting..."""
+        path = self.dir / "system-state"
+        return path.read_text().strip() if path.exists() else ""
 
     @property
     def console(self) -> str:
@@ -187,6 +195,7 @@ def run_bounded(
     marks = dict(marks or {})
     seen: dict[str, float] = {}
     start = time.monotonic()
+    cpu_before = _children_cpu()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             list(argv),
@@ -224,6 +233,14 @@ def run_bounded(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # CPU seconds the VM used: a measure of its work that is less noisy than wall time on a
+        # machine shared with other VMs.
+        seen["cpu"] = round(_children_cpu() - cpu_before, 1)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Machine:
@@ -323,14 +340,19 @@ class Machine:
         timeout: float = DEFAULT_TIMEOUT,
         files: Mapping[str, FileData] | None = None,
         kernel_args: str = "",
+        boot_wait: float = 120.0,
         check: bool = True,
     ) -> BootResult:
         """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).
 
         `timeout` (seconds, scaled by LUKSVM_E2E_TIMEOUT_FACTOR) bounds the whole QEMU run: boot,
-        scenario and poweroff. `files` are put next to the script ($E2E_IN/NAME). With check=True
-        (the default) anything but a clean run with rc 0 raises BootFailed.
+        scenario and poweroff. `files` are put next to the script ($E2E_IN/NAME). The script starts
+        when the boot has finished (`systemctl is-system-running --wait`), or after `boot_wait`
+        seconds (scaled; 0: at once), whichever comes first; `result.system_state` says which.
+        With check=True (the default) anything but a clean run with rc 0 raises BootFailed.
         """
+        # A failing test's traceback shows the test's line and BootFailed's message, not this frame.
+        __tracebackhide__ = operator.methodcaller("errisinstance", BootFailed)
         if self.frozen:
             raise RuntimeError(f"machine {self.name!r} is frozen (others are cloned from it)")
         index = len(self.boots) + 1
@@ -338,7 +360,8 @@ class Machine:
         if bdir.exists():
             shutil.rmtree(bdir)
         bdir.mkdir(parents=True)
-        e2e_img = self._write_e2e_disk(bdir, index, script, files or {})
+        inputs = {"boot": f"{index}\n", "boot-wait": f"{int(settings.scaled(boot_wait))}\n"}
+        e2e_img = self._write_e2e_disk(bdir, inputs, script, files or {})
         console = bdir / "console.log"
         effective = settings.scaled(timeout)
         outcome = run_bounded(
@@ -391,7 +414,7 @@ class Machine:
             disk.path.unlink(missing_ok=True)
 
     def _write_e2e_disk(
-        self, bdir: Path, index: int, script: Script, files: Mapping[str, FileData]
+        self, bdir: Path, runner: Mapping[str, str], script: Script, files: Mapping[str, FileData]
     ) -> Path:
         stage = bdir / "stage"
         inputs = stage / "in"
@@ -399,12 +422,12 @@ class Machine:
         text = script.read_text() if isinstance(script, Path) else script
         (inputs / "run.sh").write_text(text)
         shutil.copyfile(SCENARIOS / "lib.sh", inputs / "lib.sh")
-        (inputs / "boot").write_text(f"{index}\n")
+        for name, text in runner.items():
+            (inputs / name).write_text(text)
+        reserved = {"run.sh", "lib.sh", *runner}
         for name, data in files.items():
-            if "/" in name or name in ("run.sh", "lib.sh", "boot"):
-                raise ValueError(
-                    f"file name {name!r}: a plain name other than run.sh, lib.sh, boot"
-                )
+            if "/" in name or name in reserved:
+                raise ValueError(f"file name {name!r}: a plain name other than {sorted(reserved)}")
             if isinstance(data, Path):
                 shutil.copyfile(data, inputs / name)
             elif isinstance(data, bytes):

@@ -376,7 +376,10 @@ class Machine:
         rc_file = bdir / "rc"
         rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
         boot_id_file = bdir / "boot_id"
-        boot_id = boot_id_file.read_text().strip() if boot_id_file.exists() else None
+        # as the journal spells it (_BOOT_ID): 32 hex digits, no dashes
+        boot_id = (
+            boot_id_file.read_text().strip().replace("-", "") if boot_id_file.exists() else None
+        )
         result = BootResult(
             machine=self.name,
             index=index,

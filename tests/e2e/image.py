@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -84,6 +85,10 @@ MASKED_UNITS = (
     "e2scrub_all.timer",
     "e2scrub_reap.service",
 )
+
+# Files from rootfs/ that must be in place before the packages are installed (the initramfs is built
+# when the kernel package is installed).
+EARLY_FILES = ("etc/initramfs-tools/conf.d/e2e.conf", "usr/share/initramfs-tools/modules.d/e2e")
 
 # Smaller image, faster mke2fs: no documentation or translations in the VM.
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
@@ -201,6 +206,7 @@ def _build(image: Image, *, log: Path | None) -> None:
         "--include=" + ",".join(PACKAGES),
         *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--setup-hook=" + _early_files_hook(),
         SUITE,
         str(rootfs),
         *sources,
@@ -237,6 +243,15 @@ def _build(image: Image, *, log: Path | None) -> None:
     work.rename(image.dir)
     if log is not None:
         shutil.copy(image.dir / "build.log", log)
+
+
+def _early_files_hook() -> str:
+    commands = []
+    for relative in EARLY_FILES:
+        target = '"$1"/' + shlex.quote(relative)
+        source = shlex.quote(str(ROOTFS_OVERLAY / relative))
+        commands.append(f'mkdir -p "$(dirname {target})" && cp {source} {target}')
+    return " && ".join(commands)
 
 
 def _run(argv: list[str], *, log: Path, timeout: float, what: str) -> None:

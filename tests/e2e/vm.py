@@ -515,9 +515,7 @@ def _problem(outcome: Outcome, rc: int | None, timeout: float, bdir: Path) -> st
         qemu_log = (bdir / "qemu.log").read_text(errors="replace").strip()
         return f"QEMU exited with code {outcome.returncode}: {qemu_log[-600:]}"
     if rc is None:
-        return (
-            "the VM powered off without a scenario result (boot failed, or the runner did not run)"
-        )
+        return "the VM stopped without a scenario result (boot failed, or the runner did not run)"
     if rc != 0:
         return f"the scenario exited with rc={rc}"
     return None

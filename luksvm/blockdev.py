@@ -174,14 +174,6 @@ def mountpoints(path: str) -> list[str]:
     return found
 
 
-def open_count(dm_name: str) -> int:
-    """How many openers a device-mapper device has (each stacked device counts as one)."""
-    text = run(
-        ["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm_name], timeout=TIMEOUT
-    ).stdout
-    return int(text.strip() or 0)
-
-
 def crypt_mapping_on(device: str) -> str:
     """The device-mapper name of the dm-crypt mapping open on `device`, "" if none is."""
     for holder in describe(device).holders:

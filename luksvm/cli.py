@@ -96,7 +96,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         text = doctor.prometheus_text(
             report.findings, duration=report.duration, now=report.finished
         )
-        doctor.write_atomically(args.prometheus, text)
+        doctor.write_textfile(args.prometheus, text)
     if args.json:
         print_json(doctor.as_json(report.findings))
     else:
@@ -174,14 +174,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_guest_start(args: argparse.Namespace) -> int:
     import os
 
-    from luksvm import config, guests, virt
+    from luksvm import config, guests, systemctl, virt
 
     cfg = config.load(args.root)
     cfg.guest(args.guest)
-    if guests.systemd_runs(cfg) and os.environ.get("INVOCATION_ID"):
+    if systemctl.systemd_running(cfg.root) and os.environ.get("INVOCATION_ID"):
         # From its unit: lower-order guests first (see wait_for_earlier_units).
         guests.wait_for_earlier_units(
-            cfg, args.guest, guests.unit_state, timeout=guests.EARLIER_GUEST_WAIT
+            cfg, args.guest, systemctl.unit_state, timeout=guests.EARLIER_GUEST_WAIT
         )
     with virt.connect(cfg.settings.uri) as conn:
         guests.start_guest(cfg, args.guest, conn)
@@ -198,11 +198,11 @@ def cmd_guest_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from luksvm import config, guests
+    from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    through_units = guests.systemd_runs(cfg) and not args.direct
+    through_units = systemctl.systemd_running(cfg.root) and not args.direct
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
         return EXIT_OK
@@ -214,11 +214,11 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from luksvm import config, guests
+    from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    through_units = guests.systemd_runs(cfg) and not args.direct
+    through_units = systemctl.systemd_running(cfg.root) and not args.direct
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
         return EXIT_OK

@@ -7,12 +7,10 @@ runs the checks concurrently and returns their findings in registry order.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +24,7 @@ from luksvm import (
     blockdev,
     config,
     cryptsetup,
+    files,
     guests,
     keys,
     lvm,
@@ -296,7 +295,7 @@ class Host:
 
     @property
     def systemd_running(self) -> bool:
-        return self.live and systemctl.running()
+        return self.live and systemctl.systemd_running("/")
 
     def unit_properties(
         self, units: Sequence[str], properties: Sequence[str]
@@ -461,27 +460,23 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write `path` so that a reader (node_exporter) sees the old or the new file, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".luksvm-doctor.", suffix=".tmp", dir=directory)
-    except OSError as error:
+def write_textfile(path: str, text: str) -> None:
+    """Write the node_exporter textfile so that a reader sees the old or the new file, never half;
+    readable by node_exporter's user (0644)."""
+    path = os.path.abspath(path)
+    why = ""
+    if not os.path.isdir(os.path.dirname(path)):
+        why = "no such directory"
+    else:
+        try:
+            files.write_atomically(path, text, mode=0o644)
+        except OSError as error:
+            why = error.strerror or str(error)
+    if why:
         raise LuksvmError(
-            f"cannot write {path}: {error.strerror}; give the directory node_exporter's "
+            f"cannot write {path}: {why}; give the directory node_exporter's "
             "--collector.textfile.directory reads"
-        ) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        )
 
 
 @dataclass(frozen=True)

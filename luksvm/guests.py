@@ -21,6 +21,7 @@ from luksvm import journal, units, virt
 from luksvm.config import Config, GuestPolicy
 from luksvm.durations import USEC_PER_SEC, format_timespan
 from luksvm.errors import LuksvmError, UsageError
+from luksvm.systemctl import unit_state
 
 log = logging.getLogger("luksvm.guests")
 
@@ -440,19 +441,6 @@ def select(config: Config, names: Sequence[str], every: bool) -> list[str]:
     for name in names:
         config.guest(name)  # raises, listing the configured guests
     return [g.name for g in config.guests if g.name in names]
-
-
-def systemd_runs(config: Config) -> bool:
-    return config.root == "/" and os.path.isdir("/run/systemd/system")
-
-
-def unit_state(unit: str) -> str:
-    from luksvm.run import run
-
-    result = run(
-        ["systemctl", "show", "--property=ActiveState", "--value", unit], timeout=30, check=False
-    )
-    return result.stdout.strip() or "unknown"
 
 
 def start_through_units(config: Config, names: Sequence[str]) -> None:

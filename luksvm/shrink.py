@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
-from luksvm import blockdev, config, cryptsetup, extfs, lvm, sizes
+from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -1165,14 +1165,16 @@ def _find_container(vg: str, device: str | None) -> tuple[str, str]:
 
 def _refuse_if_held(name: str, mapping: str, volume: config.Volume | None) -> None:
     """An open mapping held by more than the LVs stacked on it is in use by a process: a guest."""
-    holders = len(blockdev.describe(mapping).holders)
-    if blockdev.open_count(name) > holders:
+    device = devmapper.by_name(devmapper.devices()).get(name)
+    if device is not None and device.open_count > len(device.holders):
+        users = devmapper.users([device.kernel]).get(device.kernel, ())
         guests = (
             f" (guests using it: {', '.join(volume.guests)})" if volume and volume.guests else ""
         )
+        held = f" ({'; '.join(users)})" if users else ""
         raise PlanRefused(
-            f"{mapping} is held open by a process{guests}; shut the guest off first "
-            "(virsh shutdown GUEST) and run again"
+            f"{mapping} is held open by a process{held}{guests}; shut the guest off first "
+            "(luksvm stop GUEST) and run again"
         )
 
 

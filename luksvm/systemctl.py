@@ -1,6 +1,5 @@
-"""What systemd knows about units: unit-file states (also offline, under --root) and, on a host
-booted with systemd, the running state and properties of units.
-"""
+"""What systemd says about units: whether it runs here, units' ActiveState and other properties,
+and unit-file states (also offline, under --root)."""
 
 from __future__ import annotations
 
@@ -13,9 +12,59 @@ from luksvm.run import CommandError, run
 TIMEOUT = 30
 
 
-def running(root: str = "/") -> bool:
-    """True when ROOT is this host's own root and systemd is PID 1 (sd_booted)."""
-    return os.path.realpath(root) == "/" and os.path.isdir("/run/systemd/system")
+def systemd_running(root: str) -> bool:
+    """True when luksvm works on this machine's own root and systemd is its init."""
+    return os.path.abspath(root) == "/" and os.path.isdir("/run/systemd/system")
+
+
+def unit_states(units: Sequence[str]) -> dict[str, str]:
+    """ActiveState of each unit (active, inactive, failed, activating, …), one `systemctl show`."""
+    if not units:
+        return {}
+    result = run(["systemctl", "show", "--property=ActiveState", "--", *units], timeout=TIMEOUT)
+    return parse_unit_states(units, result.stdout)
+
+
+def unit_state(unit: str) -> str:
+    return unit_states([unit]).get(unit, "unknown")
+
+
+def parse_unit_states(units: Sequence[str], text: str) -> dict[str, str]:
+    """`systemctl show` prints one block per unit, in the order asked, separated by blank lines."""
+    return {
+        unit: block["ActiveState"]
+        for unit, block in zip(units, parse_show(text))
+        if "ActiveState" in block
+    }
+
+
+def show(units: Sequence[str], properties: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{unit: {property: value}} from the running systemd; a unit systemd does not know comes
+    back with LoadState=not-found."""
+    if not units:
+        return {}
+    result = run(
+        ["systemctl", "show", "--no-pager", f"--property=Id,{','.join(properties)}", *units],
+        timeout=TIMEOUT,
+    )
+    return dict(zip(units, parse_show(result.stdout)))
+
+
+def parse_show(text: str) -> list[dict[str, str]]:
+    """`systemctl show` output: blocks of Key=Value lines separated by blank lines."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = {}
+            continue
+        key, _, value = line.partition("=")
+        current[key] = value
+    if current:
+        blocks.append(current)
+    return blocks
 
 
 def unit_file_states(patterns: Sequence[str], root: str = "/") -> dict[str, str]:
@@ -42,37 +91,6 @@ def unit_file_states(patterns: Sequence[str], root: str = "/") -> dict[str, str]
 def parse_unit_files(text: str) -> dict[str, str]:
     rows: list[dict[str, str]] = json.loads(text or "[]")
     return {row["unit_file"]: row["state"] for row in rows}
-
-
-def show(units: Sequence[str], properties: Sequence[str]) -> dict[str, dict[str, str]]:
-    """{unit: {property: value}} from the running systemd (`systemctl show`); a unit systemd does
-    not know comes back with LoadState=not-found."""
-    if not units:
-        return {}
-    result = run(
-        ["systemctl", "show", "--no-pager", f"--property=Id,{','.join(properties)}", *units],
-        timeout=TIMEOUT,
-    )
-    blocks = parse_show(result.stdout)
-    # systemctl prints one block per argument, in order; Id is the name systemd resolved it to.
-    return dict(zip(units, blocks))
-
-
-def parse_show(text: str) -> list[dict[str, str]]:
-    """`systemctl show` output: blocks of Key=Value lines separated by blank lines."""
-    blocks: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if current:
-                blocks.append(current)
-                current = {}
-            continue
-        key, _, value = line.partition("=")
-        current[key] = value
-    if current:
-        blocks.append(current)
-    return blocks
 
 
 def list_units(patterns: Sequence[str], *, state: str = "") -> list[dict[str, str]]:

@@ -30,6 +30,10 @@ def test_doctor_names_the_leak_and_its_fix_stops_it(host: vm.Machine) -> None:
     assert web["status"] == "WARN"
     names = [pv["pv_name"] for pv in before.json("pvs-a.json")["report"][0]["pv"]]
     assert "/dev/mapper/cr_imap_encr" not in names and names, names
+    # every check ran on the live host (no traceback: exit 2 for the failure, findings as JSON)
+    assert before.text("all-before-rc") == "2"
+    checks = {f["check"] for f in before.json("all-before.json")}
+    assert checks >= {"config", "luks", "units", "ordering", "guests", "guest-vg-leak", "swap"}
     vm.note("doctor guest-vg-leak on the seed host", before.text("before.txt"))
     vm.note("the printed filter", line)
 

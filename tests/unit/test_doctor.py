@@ -149,7 +149,7 @@ def test_prometheus_text_has_one_sample_per_check_and_subject_with_the_worst_sta
 def test_prometheus_file_is_replaced_atomically(tmp_path: Path) -> None:
     target = tmp_path / "luksvm.prom"
     target.write_text("old\n")
-    doctor.write_atomically(str(target), "new\n")
+    doctor.write_textfile(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["luksvm.prom"]
@@ -460,7 +460,7 @@ def test_lvm_2_02_with_lvmetad_inactive_on_a_running_host_fails(
         "Id=lvm2-lvmetad.socket\nActiveState=active\n\n"
         "Id=lvm2-lvmetad.service\nActiveState=inactive\n",
     )
-    monkeypatch.setattr(doctor.systemctl, "running", lambda root="/": True)
+    monkeypatch.setattr(doctor.systemctl, "systemd_running", lambda root: True)
     host = Host(str(tmp_path), live=True)
     finding = by(run_check(host, "lvmetad"), "host")
     assert finding.status == FAIL
@@ -580,7 +580,7 @@ def show_block(unit: str, **properties: str) -> str:
 def test_ordering_is_read_from_systemd_for_the_daemon_in_use(
     tmp_path: Path, commands: Commands, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(doctor.systemctl, "running", lambda root="/": True)
+    monkeypatch.setattr(doctor.systemctl, "systemd_running", lambda root: True)
     root = seed(
         tmp_path,
         "cr_a /dev/a /etc/luksvm/keys/a.key luks,x-luksvm.guest=mail\n"

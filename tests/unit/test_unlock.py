@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from luksvm import config, cryptsetup, lvm, unlock
+from luksvm import config, cryptsetup, lvm, systemctl, unlock
 from luksvm.config import Volume, parse_crypttab
 from luksvm.devmapper import DmDevice, parse_info, qemu_guest_name
 from luksvm.errors import LuksvmError
@@ -195,7 +195,7 @@ def test_guests_start_only_when_all_their_volumes_are_unlocked(tmp_path: Path) -
 
 def test_unit_states_come_in_the_order_asked() -> None:
     text = "ActiveState=active\n\nActiveState=inactive\n\nActiveState=failed\n"
-    assert unlock.parse_unit_states(["a.service", "b.service", "c.service"], text) == {
+    assert systemctl.parse_unit_states(["a.service", "b.service", "c.service"], text) == {
         "a.service": "active",
         "b.service": "inactive",
         "c.service": "failed",

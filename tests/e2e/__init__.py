@@ -1,0 +1,1 @@
+"""Tier 3: a real Debian VM under QEMU (see README.md in this directory)."""

@@ -1,0 +1,44 @@
+"""Knobs of the e2e tier, all read from the environment (see tests/e2e/README.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_CACHE = Path("/var/cache/luksvm-e2e")
+
+
+def cache_dir() -> Path:
+    """Where images (and other reusable artefacts) live across test runs: LUKSVM_E2E_CACHE."""
+    return Path(os.environ.get("LUKSVM_E2E_CACHE") or DEFAULT_CACHE)
+
+
+def timeout_factor() -> float:
+    """LUKSVM_E2E_TIMEOUT_FACTOR scales every timeout (a busy or slower machine: 2, 3, ...)."""
+    raw = os.environ.get("LUKSVM_E2E_TIMEOUT_FACTOR", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"LUKSVM_E2E_TIMEOUT_FACTOR={raw!r}: expected a number such as 2"
+        ) from None
+    if factor <= 0:
+        raise ValueError(f"LUKSVM_E2E_TIMEOUT_FACTOR={raw!r}: expected a number above 0")
+    return factor
+
+
+def scaled(seconds: float) -> float:
+    """A base timeout in seconds, scaled by LUKSVM_E2E_TIMEOUT_FACTOR."""
+    return seconds * timeout_factor()
+
+
+def keep_disks() -> bool:
+    """LUKSVM_E2E_KEEP=1 keeps every VM's disk files after its test (for debugging)."""
+    return os.environ.get("LUKSVM_E2E_KEEP", "") not in ("", "0")
+
+
+def mirror_override() -> str | None:
+    """LUKSVM_E2E_MIRROR: a Debian mirror URI to use instead of this machine's apt sources."""
+    return os.environ.get("LUKSVM_E2E_MIRROR") or None

@@ -1,0 +1,109 @@
+"""The harness itself: failures are loud and readable, hangs are bounded, state survives reboots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from . import settings
+from .image import Image
+from .project import REPO
+from .selftest.broken_scenario import MARKER
+from .vm import BootFailed, Machine
+
+pytestmark = pytest.mark.e2e
+
+FAKE_QEMU = """#!/bin/bash
+# Stands in for QEMU: writes console lines, then never exits by itself ($FAKE_MODE: hang or panic).
+while [ $# -gt 0 ]; do
+    case $1 in -serial) console=${2#file:}; shift ;; esac
+    shift
+done
+for i in $(seq 1 50); do echo "fake boot line $i" >> "$console"; done
+if [ "$FAKE_MODE" = panic ]; then
+    echo "Kernel panic - not syncing: VFS: Unable to mount root fs" >> "$console"
+fi
+exec sleep 600
+"""
+
+
+@pytest.fixture
+def fake_machine(tmp_path: Path) -> Machine:
+    image_dir = tmp_path / "image"
+    image_dir.mkdir()
+    with open(image_dir / "root.img", "wb") as root:
+        root.truncate(1024 * 1024)
+    (image_dir / "vmlinuz").write_text("")
+    (image_dir / "initrd.img").write_text("")
+    qemu = tmp_path / "fake-qemu"
+    qemu.write_text(FAKE_QEMU)
+    qemu.chmod(0o755)
+    machine = Machine.fresh(Image(image_dir, "fake"), tmp_path / "vm", name="fake")
+    machine.qemu = str(qemu)
+    return machine
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("hang", "no scenario result within"),
+        ("panic", "the console shows 'Kernel panic - not syncing'"),
+    ],
+)
+def test_hung_or_panicked_vm_is_stopped_with_console_tail(
+    fake_machine: Machine, monkeypatch: pytest.MonkeyPatch, mode: str, reason: str
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", mode)
+    started = time.monotonic()
+    with pytest.raises(BootFailed) as failure:
+        fake_machine.boot("true\n", timeout=3)
+    assert time.monotonic() - started < settings.scaled(3) + 10
+    message = str(failure.value)
+    assert reason in message
+    assert "fake boot line 50" in message
+    assert "fake boot line 10\n" not in message  # only the last 40 lines
+    assert failure.value.result.rc is None
+
+
+def test_failed_boot_reports_console(machine: Machine) -> None:
+    # The initramfs cannot mount the root disk, gives up, and the VM stops.
+    with pytest.raises(BootFailed) as failure:
+        machine.boot("true\n", kernel_args="rootfstype=nosuchfs")
+    message = str(failure.value)
+    assert "without a scenario result" in message
+    assert "Failed to mount /dev/disk/by-id/virtio-root as root file system" in message
+
+
+def test_failing_scenario_turns_the_run_red(e2e_image: Image, tmp_path: Path) -> None:
+    """A separate pytest run of selftest/broken_scenario.py must fail, and say why."""
+    broken = Path(__file__).parent / "selftest" / "broken_scenario.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'inner'}",
+            str(broken),
+        ],
+        cwd=REPO,
+        check=False,
+        env={**os.environ, "LUKSVM_E2E_SELFTEST": "1"},
+        capture_output=True,
+        text=True,
+        timeout=settings.scaled(900),
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "1 failed" in output, output
+    assert "the scenario exited with rc=1" in output, output
+    assert "serial console, last 40 lines" in output, output
+    assert MARKER in output, output
+    assert "E2E-RC: 1" in output, output

@@ -1,0 +1,570 @@
+"""Boot test VMs under QEMU (software emulation) and run scenario scripts inside them.
+
+A Machine is a set of disk files: a root disk (a qcow2 overlay over the cached image, or over a
+seed's root disk) and named data disks the guest sees as /dev/disk/by-id/virtio-NAME. Every boot:
+
+1. the host writes a small ext4 disk (serial "e2e") with the scenario script, the helpers
+   (scenarios/lib.sh), the boot number and any files the test passes in;
+2. QEMU boots the machine under a hard timeout; the runner unit in the image (rootfs/) runs the
+   script, writes rc, output and the journal of every boot so far to that disk, and powers off;
+3. the host reads the disk back with debugfs (no mount) into boot-N/ of the machine's directory.
+
+Disks keep their state from one boot to the next, so a scenario can span several boots. A boot that
+fails, hangs or panics raises BootFailed with the last lines of the serial console.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from . import settings
+from .image import Image
+from .journal import Entry, Journal
+
+HERE = Path(__file__).resolve().parent
+SCENARIOS = HERE / "scenarios"
+QEMU = "qemu-system-x86_64"
+CONSOLE_TAIL = 40
+E2E_DISK_SIZE = "256M"
+DEFAULT_TIMEOUT = 240.0
+KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 mitigations=off"
+
+# Console text that means the boot cannot reach the scenario: stop at once instead of waiting for
+# the timeout.
+FATAL_CONSOLE = (
+    "Kernel panic - not syncing",
+    "You are in emergency mode",
+    "Cannot open access to console, the root account is locked",
+    "Give root password for maintenance",
+)
+
+_SERIAL = re.compile(r"^[A-Za-z0-9_-]{1,20}$")  # virtio-blk serials: at most 20 bytes
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+Script = Union[str, Path]
+FileData = Union[Path, str, bytes]
+
+
+def scenario(name: str) -> Path:
+    """A scenario script under tests/e2e/scenarios/."""
+    path = SCENARIOS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no scenario script {path}")
+    return path
+
+
+class BootFailed(AssertionError):
+    """A boot did not end with the expected scenario result; `.result` has everything collected."""
+
+    def __init__(self, message: str, result: BootResult):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str  # QEMU serial: the guest sees /dev/disk/by-id/virtio-NAME
+    path: Path
+    format: str  # "raw" or "qcow2"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    rc: int
+    ms: int
+
+
+@dataclass
+class BootResult:
+    machine: str
+    index: int
+    dir: Path  # console.log, qemu.log, output.log, rc, journal.json, files/
+    script: str
+    rc: int | None
+    boot_id: str | None
+    seconds: float  # wall time of the whole QEMU run
+    problem: str | None  # why the boot counts as failed; None when it ran and returned 0
+    timings: dict[str, float] = field(default_factory=dict)  # runner_start, scenario_end (host s)
+
+    @property
+    def system_state(self) -> str:
+        """`systemctl is-system-running` as the scenario started: running, degraded, starting..."""
+        path = self.dir / "system-state"
+        return path.read_text().strip() if path.exists() else ""
+
+    @property
+    def console(self) -> str:
+        return clean_console((self.dir / "console.log").read_bytes())
+
+    @property
+    def output(self) -> str:
+        """What the scenario printed (stdout and stderr)."""
+        path = self.dir / "output.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def files(self) -> Path:
+        """The scenario's results directory ($E2E_RESULTS), as read back from the VM."""
+        return self.dir / "files"
+
+    def path(self, name: str) -> Path:
+        path = self.files / name
+        if not path.exists():
+            wrote = sorted(p.name for p in self.files.iterdir()) if self.files.is_dir() else []
+            raise AssertionError(f"the scenario did not write {name!r}; it wrote: {wrote}")
+        return path
+
+    def text(self, name: str) -> str:
+        """A file the scenario wrote, with surrounding whitespace stripped."""
+        return self.path(name).read_text(errors="replace").strip()
+
+    def json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text())
+
+    @property
+    def steps(self) -> dict[str, Step]:
+        """The scenario's `step` records (scenarios/lib.sh), by name."""
+        steps = {}
+        path = self.files / "steps.tsv"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                name, rc, ms = line.split("\t")
+                steps[name] = Step(name, int(rc), int(ms))
+        return steps
+
+    @functools.cached_property
+    def journal(self) -> Journal:
+        """The journal of every boot of this disk so far (exported at the end of this scenario)."""
+        return Journal.load(self.dir / "journal.json")
+
+    def entries(self, message: str | None = None, **filters: Any) -> list[Entry]:
+        """Journal entries of this boot only."""
+        return self.journal.find(message, boot=self.boot_id, **filters)
+
+    def console_tail(self, lines: int = CONSOLE_TAIL) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+    def describe(self) -> str:
+        head = (
+            f"VM {self.machine!r} boot {self.index}: {self.problem or 'ok'} ({self.seconds:.1f} s)"
+        )
+        return (
+            f"{head}\n"
+            f"  script:  {self.script}\n"
+            f"  results: {self.dir} (console.log, output.log, journal.json, files/)\n"
+            f"--- serial console, last {CONSOLE_TAIL} lines ---\n"
+            f"{self.console_tail()}\n"
+            f"--- end of console ---"
+        )
+
+
+@dataclass
+class Outcome:
+    returncode: int | None  # QEMU's exit code; None if killed
+    seconds: float
+    timed_out: bool = False
+    fatal: str | None = None  # console text that stopped the run
+    marks: dict[str, float] = field(default_factory=dict)  # console marker → seconds after start
+
+
+def run_bounded(
+    argv: Sequence[str],
+    *,
+    console: Path,
+    log: Path,
+    timeout: float,
+    fatal: Sequence[str] = FATAL_CONSOLE,
+    marks: Mapping[str, str] | None = None,
+) -> Outcome:
+    """Run a VM process (in its own process group) until it exits, the console shows a fatal
+    pattern, or `timeout` seconds pass; then kill it. Never waits longer than the timeout."""
+    marks = dict(marks or {})
+    seen: dict[str, float] = {}
+    start = time.monotonic()
+    cpu_before = _children_cpu()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    offset = 0
+    window = ""
+    try:
+        while True:
+            try:
+                returncode = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            elapsed = time.monotonic() - start
+            if console.exists():
+                with open(console, "rb") as handle:
+                    handle.seek(offset)
+                    new = handle.read()
+                offset += len(new)
+                window = (window + new.decode("utf-8", "replace"))[-8192:]
+                for name, text in marks.items():
+                    if name not in seen and text in window:
+                        seen[name] = round(elapsed, 1)
+                for pattern in fatal:
+                    if pattern in window and returncode is None:
+                        return Outcome(None, elapsed, fatal=pattern, marks=seen)
+            if returncode is not None:
+                return Outcome(returncode, elapsed, marks=seen)
+            if elapsed > timeout:
+                return Outcome(None, elapsed, timed_out=True, marks=seen)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # CPU seconds the VM used: a measure of its work that is less noisy than wall time on a
+        # machine shared with other VMs.
+        seen["cpu"] = round(_children_cpu() - cpu_before, 1)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Machine:
+    """A test VM: its disks and its boots. Use `Machine.fresh()` or `SeedHost.clone()`."""
+
+    def __init__(
+        self,
+        name: str,
+        image: Image,
+        workdir: Path,
+        root: Disk,
+        disks: Sequence[Disk] = (),
+        *,
+        memory_mib: int = 2048,
+        cpus: int = 2,
+        qemu: str = QEMU,
+    ):
+        self.name = name
+        self.image = image
+        self.workdir = workdir
+        self.root = root
+        self.disks = list(disks)
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.qemu = qemu
+        self.boots: list[BootResult] = []
+        self.frozen = False  # a machine others are cloned from must not change
+
+    @classmethod
+    def fresh(
+        cls,
+        image: Image,
+        workdir: Path,
+        name: str = "vm",
+        data_disks: Mapping[str, int] | None = None,
+    ) -> Machine:
+        """A new machine booting from a copy-on-write overlay over the image; data disks are
+        sparse raw files of the given sizes in bytes."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        root = Disk("root", workdir / "root.qcow2", "qcow2")
+        _overlay(image.root, "raw", root.path)
+        machine = cls(name, image, workdir, root)
+        for disk_name, size in (data_disks or {}).items():
+            machine.add_disk(disk_name, size)
+        return machine
+
+    def add_disk(self, name: str, size: int) -> Disk:
+        """A new sparse raw data disk, seen as /dev/disk/by-id/virtio-NAME from the next boot."""
+        if not _SERIAL.match(name) or name in ("root", "e2e"):
+            raise ValueError(f"disk name {name!r}: 1-20 of [A-Za-z0-9_-], not root or e2e")
+        if any(disk.name == name for disk in self.disks):
+            raise ValueError(f"machine {self.name!r} already has a disk {name!r}")
+        path = self.workdir / f"{name}.raw"
+        with open(path, "wb") as handle:
+            handle.truncate(size)
+        disk = Disk(name, path, "raw")
+        self.disks.append(disk)
+        return disk
+
+    def disk(self, name: str) -> Disk:
+        for disk in self.disks:
+            if disk.name == name:
+                return disk
+        raise KeyError(f"machine {self.name!r} has no disk {name!r}")
+
+    def clone(self, workdir: Path, name: str | None = None) -> Machine:
+        """A machine whose every disk is a qcow2 overlay over this one's: independent, and cheap."""
+        if not self.frozen:
+            raise RuntimeError(f"freeze() machine {self.name!r} before cloning it")
+        workdir.mkdir(parents=True, exist_ok=True)
+        root = Disk("root", workdir / "root.qcow2", "qcow2")
+        _overlay(self.root.path, self.root.format, root.path)
+        disks = []
+        for disk in self.disks:
+            copy = Disk(disk.name, workdir / f"{disk.name}.qcow2", "qcow2")
+            _overlay(disk.path, disk.format, copy.path)
+            disks.append(copy)
+        return Machine(
+            name or f"{self.name}-clone",
+            self.image,
+            workdir,
+            root,
+            disks,
+            memory_mib=self.memory_mib,
+            cpus=self.cpus,
+            qemu=self.qemu,
+        )
+
+    def freeze(self) -> None:
+        """No more boots: clones depend on these disk files staying as they are."""
+        self.frozen = True
+
+    def boot(
+        self,
+        script: Script,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        files: Mapping[str, FileData] | None = None,
+        kernel_args: str = "",
+        boot_wait: float = 120.0,
+        check: bool = True,
+    ) -> BootResult:
+        """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).
+
+        `timeout` (seconds, scaled by LUKSVM_E2E_TIMEOUT_FACTOR) bounds the whole QEMU run: boot,
+        scenario and poweroff. `files` are put next to the script ($E2E_IN/NAME). The script starts
+        when the boot has finished (`systemctl is-system-running --wait`), or after `boot_wait`
+        seconds (scaled; 0: at once), whichever comes first; `result.system_state` says which.
+        With check=True (the default) anything but a clean run with rc 0 raises BootFailed.
+        """
+        # A failing test's traceback shows the test's line and BootFailed's message, not this frame.
+        __tracebackhide__ = operator.methodcaller("errisinstance", BootFailed)
+        if self.frozen:
+            raise RuntimeError(f"machine {self.name!r} is frozen (others are cloned from it)")
+        index = len(self.boots) + 1
+        bdir = self.workdir / f"boot-{index}"
+        if bdir.exists():
+            shutil.rmtree(bdir)
+        bdir.mkdir(parents=True)
+        inputs = {"boot": f"{index}\n", "boot-wait": f"{int(settings.scaled(boot_wait))}\n"}
+        e2e_img = self._write_e2e_disk(bdir, inputs, script, files or {})
+        console = bdir / "console.log"
+        effective = settings.scaled(timeout)
+        outcome = run_bounded(
+            self._qemu_argv(e2e_img, console, kernel_args),
+            console=console,
+            log=bdir / "qemu.log",
+            timeout=effective,
+            marks={"runner_start": "E2E-BEGIN", "scenario_end": "E2E-RC:"},
+        )
+        _read_back(e2e_img, bdir)
+        e2e_img.unlink()
+        rc_file = bdir / "rc"
+        rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
+        boot_id_file = bdir / "boot_id"
+        # as the journal spells it (_BOOT_ID): 32 hex digits, no dashes
+        boot_id = (
+            boot_id_file.read_text().strip().replace("-", "") if boot_id_file.exists() else None
+        )
+        result = BootResult(
+            machine=self.name,
+            index=index,
+            dir=bdir,
+            script=str(script) if isinstance(script, Path) else "<inline script>",
+            rc=rc,
+            boot_id=boot_id,
+            seconds=round(outcome.seconds, 1),
+            problem=_problem(outcome, rc, effective, bdir),
+            timings=outcome.marks,
+        )
+        self.boots.append(result)
+        BOOT_LOG.append(result)
+        if check and result.problem:
+            raise BootFailed(result.describe(), result)
+        return result
+
+    def collect(self, *, timeout: float = DEFAULT_TIMEOUT) -> BootResult:
+        """A short boot that runs nothing: its result's journal includes the previous boot's
+        shutdown (each boot's journal is exported before that boot powers off)."""
+        return self.boot("true\n", timeout=timeout)
+
+    @property
+    def journal(self) -> Journal:
+        """The journal as exported by the latest boot."""
+        if not self.boots:
+            raise RuntimeError(f"machine {self.name!r} has not booted yet")
+        return self.boots[-1].journal
+
+    def discard(self) -> None:
+        """Delete the disk files (logs and results stay); LUKSVM_E2E_KEEP=1 keeps them."""
+        if settings.keep_disks():
+            return
+        for disk in [self.root, *self.disks]:
+            disk.path.unlink(missing_ok=True)
+
+    def _write_e2e_disk(
+        self, bdir: Path, runner: Mapping[str, str], script: Script, files: Mapping[str, FileData]
+    ) -> Path:
+        stage = bdir / "stage"
+        inputs = stage / "in"
+        inputs.mkdir(parents=True)
+        text = script.read_text() if isinstance(script, Path) else script
+        (inputs / "run.sh").write_text(text)
+        shutil.copyfile(SCENARIOS / "lib.sh", inputs / "lib.sh")
+        for name, text in runner.items():
+            (inputs / name).write_text(text)
+        reserved = {"run.sh", "lib.sh", *runner}
+        for name, data in files.items():
+            if "/" in name or name in reserved:
+                raise ValueError(f"file name {name!r}: a plain name other than {sorted(reserved)}")
+            if isinstance(data, Path):
+                shutil.copyfile(data, inputs / name)
+            elif isinstance(data, bytes):
+                (inputs / name).write_bytes(data)
+            else:
+                (inputs / name).write_text(data)
+        image = bdir / "e2e.img"
+        _check_call(
+            ["mke2fs", "-q", "-t", "ext4", "-L", "e2e", "-d", str(stage), str(image), E2E_DISK_SIZE]
+        )
+        shutil.rmtree(stage)
+        return image
+
+    def _qemu_argv(self, e2e_img: Path, console: Path, kernel_args: str) -> list[str]:
+        argv = [
+            self.qemu,
+            "-nodefaults",
+            "-no-user-config",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-machine",
+            "q35",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.memory_mib),
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            f"file:{console}",
+            "-nic",
+            "none",
+            "-no-reboot",
+            "-device",
+            "virtio-rng-pci",
+            "-kernel",
+            str(self.image.kernel),
+            "-initrd",
+            str(self.image.initrd),
+            "-append",
+            f"{KERNEL_ARGS} {kernel_args}".strip(),
+        ]
+        disks = [self.root, *self.disks, Disk("e2e", e2e_img, "raw")]
+        for number, disk in enumerate(disks):
+            argv += [
+                "-drive",
+                f"file={disk.path},if=none,id=d{number},format={disk.format},cache=unsafe,discard=unmap",
+                "-device",
+                f"virtio-blk-pci,drive=d{number},serial={disk.name}",
+            ]
+        return argv
+
+
+# Every boot of this session, and what tests chose to report, for the "e2e timings" summary at the
+# end of the run (conftest.py).
+BOOT_LOG: list[BootResult] = []
+NOTES: dict[str, str] = {}
+
+
+def note(name: str, text: str) -> None:
+    """Show a line (e.g. measured timings) in the "e2e timings" summary at the end of the run."""
+    NOTES[name] = text
+
+
+def _problem(outcome: Outcome, rc: int | None, timeout: float, bdir: Path) -> str | None:
+    if outcome.fatal:
+        return f"the console shows {outcome.fatal!r}; the VM was stopped"
+    if outcome.timed_out:
+        if rc is not None:
+            return (
+                f"the scenario ended (rc={rc}) but the VM did not power off within {timeout:.0f} s"
+            )
+        return (
+            f"no scenario result within {timeout:.0f} s (boot hung or scenario still running); "
+            "the VM was killed"
+        )
+    if outcome.returncode != 0:
+        qemu_log = (bdir / "qemu.log").read_text(errors="replace").strip()
+        return f"QEMU exited with code {outcome.returncode}: {qemu_log[-600:]}"
+    if rc is None:
+        return "the VM stopped without a scenario result (boot failed, or the runner did not run)"
+    if rc != 0:
+        return f"the scenario exited with rc={rc}"
+    return None
+
+
+def _read_back(e2e_img: Path, bdir: Path) -> None:
+    """Copy out/ from the results disk into bdir, without mounting it."""
+    # A killed VM may leave the filesystem's journal unreplayed: let e2fsck replay it first.
+    subprocess.run(["e2fsck", "-p", str(e2e_img)], capture_output=True, timeout=120, check=False)
+    dump = bdir / "dump"
+    dump.mkdir()
+    subprocess.run(
+        ["debugfs", "-R", f"rdump /out {dump}", str(e2e_img)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    out = dump / "out"
+    if out.is_dir():
+        for item in out.iterdir():
+            item.rename(bdir / item.name)
+    shutil.rmtree(dump)
+
+
+def _overlay(backing: Path, backing_format: str, path: Path) -> None:
+    _check_call(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(backing.resolve()),
+            "-F",
+            backing_format,
+            str(path),
+        ]
+    )
+
+
+def _check_call(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def clean_console(raw: bytes) -> str:
+    """Serial console bytes as readable text: no colour codes, no carriage returns."""
+    text = raw.decode("utf-8", "replace")
+    text = _ANSI.sub("", text)
+    return text.replace("\r\n", "\n").replace("\r", "\n")

@@ -40,7 +40,7 @@ QEMU = "qemu-system-x86_64"
 CONSOLE_TAIL = 40
 JOURNAL_TAIL = 30
 E2E_DISK_SIZE = "256M"
-DEFAULT_TIMEOUT = 240.0
+DEFAULT_TIMEOUT = 480.0  # generous: other VMs may share the 2 cores (seen: 5 at once)
 KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 mitigations=off"
 
 # Console text that means the boot cannot reach the scenario: stop at once instead of waiting for
@@ -351,7 +351,7 @@ class Machine:
         timeout: float = DEFAULT_TIMEOUT,
         files: Mapping[str, FileData] | None = None,
         kernel_args: str = "",
-        boot_wait: float = 120.0,
+        boot_wait: float = 180.0,
         check: bool = True,
     ) -> BootResult:
         """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).

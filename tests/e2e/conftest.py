@@ -23,7 +23,15 @@ from .project import build_wheel
 from .seed import SeedHost
 from .vm import Machine
 
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "debugfs", "e2fsck")
+REQUIRED_TOOLS = (
+    "qemu-system-x86_64",
+    "qemu-img",
+    "mmdebstrap",
+    "mke2fs",
+    "debugfs",
+    "e2fsck",
+    "journalctl",
+)
 
 _TIMINGS: dict[str, Any] = {}
 

@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def e2e_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+def e2e_image() -> Image:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tier needs {', '.join(missing)}: run tools/install-deps (as root)")

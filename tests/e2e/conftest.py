@@ -33,6 +33,16 @@ REQUIRED_TOOLS = (
     "journalctl",
 )
 
+# Shown in the summary, so that a failure can be told from a package change (see packages.txt).
+KEY_PACKAGES = (
+    "linux-image-amd64",
+    "systemd",
+    "lvm2",
+    "cryptsetup-bin",
+    "libvirt-daemon",
+    "python3",
+)
+
 _TIMINGS: dict[str, Any] = {}
 
 
@@ -53,6 +63,11 @@ def e2e_image() -> Image:
     _TIMINGS["image"] = (
         f"built in {time.monotonic() - started:.0f} s" if built else "cached"
     ) + f" ({image.dir})"
+    versions = image.package_versions()
+    _TIMINGS["image packages"] = (
+        ", ".join(f"{name} {versions[name]}" for name in KEY_PACKAGES if name in versions)
+        + f" (all in {image.packages})"
+    )
     return image
 
 

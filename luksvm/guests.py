@@ -229,8 +229,12 @@ def start_guest(config: Config, name: str, conn: virt.Connection, *, delay: bool
         )
     log.info("starting guest %s", name, extra=fields)
     began = time.monotonic()
-    domain.start()
-    if not domain.wait_for({"running", "blocked"}, START_DEADLINE, poll=0.2):
+    # create itself may take long on a busy host (or restoring a managedsave image): it has the
+    # whole start deadline, not that of one ordinary call, or the unit fails while libvirt goes
+    # on to start the guest.
+    domain.start(deadline=START_DEADLINE)
+    left = max(START_DEADLINE - (time.monotonic() - began), 0.0)
+    if not domain.wait_for({"running", "blocked"}, left, poll=0.2):
         raise LuksvmError(
             f"guest {name!r} did not reach running within {START_DEADLINE:g} s of starting; "
             f"its state is {domain.state()}"

@@ -47,6 +47,7 @@ class Step:
     interactive: bool = False  # on the caller's terminal with no timeout: a prompt may wait
     key_from_keyring: bool = False  # the volume's keyring secret goes to stdin
     unheld: bool = False  # check again right before running that nothing holds the mapping
+    says: str = ""  # logged before it runs (what happened at shutdown is read from the journal)
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,11 @@ def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
             + _fix(volume, held, by_kernel),
         )
     steps = [
-        Step(lvm.deactivate_argv(vg), timeout=VGCHANGE_TIMEOUT)
+        Step(
+            lvm.deactivate_argv(vg),
+            timeout=VGCHANGE_TIMEOUT,
+            says=f"deactivating guest VG {vg.name} (active on the mapping)",
+        )
         for vg in probe.vgs
         if any(_in(d, (vg,)) for d in active_lvs)
     ]
@@ -435,6 +440,8 @@ def execute(plan: Plan, config: Config) -> None:
     for step in plan.steps:
         if step.unheld and volume is not None:
             _refuse_if_held(volume)
+        if step.says:
+            log.info("%s: %s", plan.volume, step.says, extra=fields)
         try:
             if step.interactive:
                 run_interactive(step.argv)

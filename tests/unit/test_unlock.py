@@ -349,6 +349,28 @@ def test_a_failed_unlock_names_the_volume_and_is_not_a_traceback(
         unlock.execute(plan, cfg)
 
 
+def test_lock_says_in_the_journal_that_it_deactivates_the_guest_vg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At shutdown the journal is all an admin has: it must show the leaked VG being taken down.
+    write_config(tmp_path, {"10.conf": IMAP + "\n"})
+    cfg = config.load(str(tmp_path))
+    devices = (crypt("cr_imap_encr", "dm-3", 1, ("dm-7",)), lv("vgmail-root", "dm-7"))
+    plan = lock_plan(volume(IMAP), LockProbe(devices, (vgmail("/dev/mapper/cr_imap_encr"),)))
+    ran: list[str] = []
+    monkeypatch.setattr(unlock, "run", lambda argv, **kw: ran.append(argv[0]))
+    monkeypatch.setattr(unlock, "_refuse_if_held", lambda volume: None)
+    monkeypatch.setattr(unlock.devmapper, "names", set)
+    with caplog.at_level("INFO", logger="luksvm"):
+        unlock.execute(plan, cfg)
+    assert ran == ["vgchange", "udevadm", "cryptsetup"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "cr_imap_encr: deactivating guest VG vgmail (active on the mapping)",
+        "cr_imap_encr: locked",
+    ]
+
+
 # --- parsing what the tools print ------------------------------------------------------------
 
 

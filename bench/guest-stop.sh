@@ -1,6 +1,7 @@
 # Benchmark, run inside the e2e VM (seed host) by bench/guest-stop.py: stopping N guests that
 # ignore ACPI (no OS: they sit in SeaBIOS), each given T seconds, by
-#   luksvm-units     systemctl stop luksvm-guest@b1..bN (only when luksvm's units are installed)
+#   luksvm-units     systemctl stop luksvm-guest@b1..bN (the units luksvm apply writes; they adopt
+#                    the running guests untimed first)
 #   luksvm-direct    luksvm stop --direct b1..bN (one process, one thread per guest)
 #   luksvm-procs     N `luksvm guest stop bI` processes at once (what the units' ExecStop run)
 #   libvirt-guests   systemctl stop libvirt-guests with its defaults except ON_SHUTDOWN=shutdown
@@ -44,10 +45,12 @@ start_all() {
     test "$(running)" -eq "$N"
 }
 
+# measure METHOD CMD...: start the guests (and, with $prepare set, run it untimed), then time CMD.
 measure() {
     local method=$1 start end
     shift
     start_all
+    if [ -n "${prepare:-}" ]; then $prepare; fi
     start=$(now_ms)
     "$@" || echo "bench: $method exited $?"
     end=$(now_ms)
@@ -77,10 +80,12 @@ libvirt_guests_with() {
 }
 
 : > "$E2E_RESULTS/bench.tsv"
-if systemctl cat luksvm-guest@.service > /dev/null 2>&1 && luksvm apply > /dev/null; then
+# apply first: on a pip install (the seed host) it is apply that installs the unit templates.
+if luksvm apply > /dev/null && systemctl cat luksvm-guest@.service > /dev/null 2>&1; then
     units=()
     for g in "${guests[@]}"; do units+=("luksvm-guest@$g.service"); done
-    measure luksvm-units sh -c "systemctl start ${units[*]} && systemctl stop ${units[*]}"
+    # the units adopt the running guests untimed; the stop is what is measured
+    prepare="systemctl start ${units[*]}" measure luksvm-units systemctl stop "${units[@]}"
 fi
 measure luksvm-direct luksvm stop --direct "${guests[@]}"
 measure luksvm-procs parallel_processes

@@ -31,7 +31,7 @@ MACHINE_SLICE = "sys/fs/cgroup/machine.slice"
 SAVE_DIR = "var/lib/libvirt/qemu/save"  # libvirt's managedsave images (compiled in, not set)
 SYS_DIR = "sys"
 
-START_DEADLINE = 120.0  # seconds from `create` until the domain reports running
+START_DEADLINE = virt.START_DEADLINE  # seconds from `create` until the domain reports running
 # Time each on_timeout policy may take after stop_timeout, and the margin: the unit's
 # TimeoutStopSec= is stop_timeout plus both (units.py).
 POLICY_SECONDS = {k: v // USEC_PER_SEC for k, v in units.POLICY_TIME_USEC.items()}
@@ -233,7 +233,7 @@ def start_guest(config: Config, name: str, conn: virt.Connection, *, delay: bool
     # whole start deadline, not that of one ordinary call, or the unit fails while libvirt goes
     # on to start the guest.
     domain.start(deadline=START_DEADLINE)
-    left = max(START_DEADLINE - (time.monotonic() - began), 0.0)
+    left = max(START_DEADLINE - (time.monotonic() - began), 1.0)
     if not domain.wait_for({"running", "blocked"}, left, poll=0.2):
         raise LuksvmError(
             f"guest {name!r} did not reach running within {START_DEADLINE:g} s of starting; "

@@ -18,8 +18,12 @@ from typing import Any, Callable, TypeVar
 from luksvm.errors import LuksvmError
 
 DEFAULT_URI = "qemu:///system"
-CALL_DEADLINE = 30.0  # seconds for one libvirt call (connect, lookup, start, destroy …)
+CALL_DEADLINE = 30.0  # seconds for one libvirt call (connect, lookup, destroy …)
 SAVE_DEADLINE = 600.0  # managedsave writes all guest RAM
+# Starting a guest is more than one ordinary call: libvirt launches QEMU and waits for it; a big
+# guest (RAM preallocated, or pinned for VFIO) or a busy host takes longer than CALL_DEADLINE.
+# Measured in the e2e VM: create took over 30 s with three guests starting at once under load.
+START_DEADLINE = 120.0
 
 # virDomainState, by number (libvirt.VIR_DOMAIN_*), so that reading needs no import of libvirt.
 STATES = {
@@ -116,7 +120,7 @@ class Domain:
     def disks(self) -> list[Disk]:
         return disks_from_xml(self.xml())
 
-    def start(self, deadline: float = CALL_DEADLINE) -> None:
+    def start(self, deadline: float = START_DEADLINE) -> None:
         call(f"start {self.name}", self._dom.create, deadline=deadline)
 
     def shutdown_acpi(self) -> None:

@@ -429,6 +429,12 @@ def execute(plan: Plan, config: Config) -> None:
                     secret = keys.keyring_secret(volume, config.settings)
                 run(step.argv, timeout=step.timeout, stdin=secret, secret=secret is not None)
         except CommandError as error:
+            if plan.action == "lock" and plan.volume not in devmapper.names():
+                # Closed meanwhile by someone else: at shutdown lvm2's blk-availability.service
+                # runs blkdeactivate alongside the lock units (seen in the VM).
+                fields = journal.fields(volume=plan.volume, message_id="locked")
+                log.info("%s: already locked (closed meanwhile)", plan.volume, extra=fields)
+                return
             raise LuksvmError(_failed(plan, step, error)) from None
     if volume is not None:
         _verify(plan)

@@ -228,8 +228,11 @@ def start_guest(config: Config, name: str, conn: virt.Connection, *, delay: bool
         )
     log.info("starting guest %s", name, extra=fields)
     began = time.monotonic()
-    domain.start()
-    if not domain.wait_for({"running", "blocked"}, START_DEADLINE, poll=0.2):
+    # One budget for both: create itself took over 30 s (QEMU spawning on a busy host, seen in
+    # the VM), and the guest then ran while its unit had failed.
+    domain.start(deadline=START_DEADLINE)
+    left = max(1.0, START_DEADLINE - (time.monotonic() - began))
+    if not domain.wait_for({"running", "blocked"}, left, poll=0.2):
         raise LuksvmError(
             f"guest {name!r} did not reach running within {START_DEADLINE:g} s of starting; "
             f"its state is {domain.state()}"

@@ -116,8 +116,9 @@ class Domain:
     def disks(self) -> list[Disk]:
         return disks_from_xml(self.xml())
 
-    def start(self) -> None:
-        call(f"start {self.name}", self._dom.create)
+    def start(self, deadline: float = CALL_DEADLINE) -> None:
+        """virDomainCreate returns once QEMU runs; spawning it can take longer than other calls."""
+        call(f"start {self.name}", self._dom.create, deadline=deadline)
 
     def shutdown_acpi(self) -> None:
         """Ask the guest to power off (ACPI power button). Hypervisors without that method (the

@@ -238,3 +238,49 @@ def test_stop_through_units_one_systemctl_for_active_units_direct_for_the_rest(
         )
     ]
     assert direct == [["web"]]
+
+
+def test_a_slow_create_counts_against_the_start_deadline_not_a_call_deadline(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the VM on a busy host: virDomainCreate returned after more than 30 s (the deadline
+    of an ordinary libvirt call); luksvm gave up and failed the unit while the guest came up."""
+    import threading
+
+    created = threading.Event()
+
+    class SlowCreate:
+        def create(self) -> int:
+            created.wait(5)
+            return 0
+
+    domain = virt.Domain(SlowCreate(), "mail")
+    with pytest.raises(virt.VirtError, match=r"did not answer start mail within 0\.05 s"):
+        domain.start(deadline=0.05)
+    created.set()
+
+    deadlines: list[float] = []
+    waits: list[float] = []
+
+    class Domain:
+        def is_running(self) -> bool:
+            return False
+
+        def disks(self) -> list[virt.Disk]:
+            return []
+
+        def start(self, deadline: float = virt.CALL_DEADLINE) -> None:
+            deadlines.append(deadline)
+
+        def wait_for(self, states: object, timeout: float, **kw: object) -> bool:
+            waits.append(timeout)
+            return True
+
+    class Connection:
+        def domain(self, name: str) -> Domain:
+            return Domain()
+
+    monkeypatch.setattr(guests, "unlocked", lambda config, volume: True)
+    assert guests.start_guest(cfg, "mail", Connection(), delay=False)  # type: ignore[arg-type]
+    assert deadlines == [guests.START_DEADLINE]
+    assert 0 < waits[0] <= guests.START_DEADLINE

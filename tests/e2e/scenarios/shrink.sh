@@ -14,6 +14,12 @@
 
 fast_kdf=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
 
+into() {  # into FILE CMD...: CMD's stdout into FILE (`step` prints its own line on stdout)
+    local file=$1
+    shift
+    "$@" > "$file"
+}
+
 # fill DIR MIB: MIB MiB of random files spread over 8 directories (ext4 puts top-level
 # directories in different block groups, so resize2fs has data to move), plus small files.
 fill() {
@@ -100,8 +106,8 @@ expect_fail below-minimum luksvm shrink plan --lv vgdata/home --to 8MiB
 expect_fail bare-size luksvm shrink plan --lv vgdata/home --to 60G
 
 # --- stack A: plan, then run ---------------------------------------------------------------------
-step a-plan-json luksvm shrink plan --lv vgmail/root --to 128MiB \
-    --device /dev/volgrp4/lvimap_hd0 --json > a-plan.json
+step a-plan-json into a-plan.json luksvm shrink plan --lv vgmail/root --to 128MiB \
+    --device /dev/volgrp4/lvimap_hd0 --json
 luksvm shrink plan --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 > a-plan.txt
 step a-run luksvm shrink run --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 \
     --yes-i-have-a-backup > a-run.txt 2>&1 || { cat a-run.txt; exit 1; }
@@ -111,7 +117,7 @@ dmsetup ls --target crypt > a-crypt-after.txt
 lvs --reportformat json -o lv_name,lv_active vgmail > a-lvs-after.json 2> /dev/null || true
 
 # --- stack B: plan, a run killed between steps, the same command again -------------------------
-step b-plan-json luksvm shrink plan --lv vgdata/home --to 128MiB --json > b-plan.json
+step b-plan-json into b-plan.json luksvm shrink plan --lv vgdata/home --to 128MiB --json
 luksvm shrink plan --lv vgdata/home --to 128MiB > b-plan.txt
 # The hook: a pvmove in front of PATH that kills luksvm (its parent) before moving anything, i.e.
 # right after the lvreduce step and its check. Not under /run: the initramfs mounts it noexec,
@@ -125,7 +131,7 @@ PATH=/root/e2e-hook:$PATH luksvm shrink run --lv vgdata/home --to 128MiB \
 cat b-run-killed.txt
 result b-killed-rc "$rc"
 lvs --reportformat json --units b --nosuffix -o lv_name,lv_size vgdata > b-lvs-killed.json
-step b-plan-resume luksvm shrink plan --lv vgdata/home --to 128MiB --json > b-plan-resume.json
+step b-plan-resume into b-plan-resume.json luksvm shrink plan --lv vgdata/home --to 128MiB --json
 step b-run-resume luksvm shrink run --lv vgdata/home --to 128MiB --yes-i-have-a-backup \
     > b-run-resume.txt 2>&1 || { cat b-run-resume.txt; exit 1; }
 cat b-run-resume.txt

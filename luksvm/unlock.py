@@ -197,14 +197,7 @@ def unlock(
         plans.append(
             unlock_plan(volume, probe_unlock(volume, active, unit_active), key_file=key_file)
         )
-    failures = []
-    for plan in plans:
-        if dry_run:
-            continue
-        try:
-            execute(plan, config)
-        except LuksvmError as error:
-            failures.append(str(error))
+    failures = [] if dry_run else execute_each(plans, config)
     if via_units:
         # A dry run predicts; a real one looks at what is open now.
         unlocked = (
@@ -363,17 +356,21 @@ def lock(
         if via_units and not plan.done and not plan.refusal:
             plan = _through_unit(volume, plan)
         plans.append(plan)
+    failures = [] if dry_run else execute_each(plans, config)
+    if failures:
+        raise LuksvmError("\n".join(failures))
+    return plans
+
+
+def execute_each(plans: Sequence[Plan], config: Config) -> list[str]:
+    """Carry out every plan, each on its own: one volume's failure does not stop the others."""
     failures = []
     for plan in plans:
-        if dry_run:
-            continue
         try:
             execute(plan, config)
         except LuksvmError as error:
             failures.append(str(error))
-    if failures:
-        raise LuksvmError("\n".join(failures))
-    return plans
+    return failures
 
 
 def _through_unit(volume: Volume, plan: Plan) -> Plan:

@@ -26,7 +26,7 @@ integration: deps
 e2e: deps
 	$(PY) -m pytest -q -m "not pending" tests/e2e
 
-# The shrink and migrate VM scenarios, not yet proven green in a whole run.
+# The boot/shutdown, shrink and migrate VM scenarios, not yet proven green in a whole run.
 e2e-pending: deps
 	$(PY) -m pytest -q -m pending tests/e2e
 

@@ -492,6 +492,7 @@ def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:
     active = [n for n in names if unit_state(unit_name(n)) == "active"]
     others = [n for n in names if n not in active]
     budget = max((units.stop_timeout_usec(config.guest(n)) for n in active), default=0)
+    failures = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         through_units = None
         if active:
@@ -499,9 +500,23 @@ def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:
             print(shlex.join(argv))
             through_units = pool.submit(run, argv, timeout=budget / USEC_PER_SEC + 60)
         direct = pool.submit(stop_guests, config, others, connector(config))
-        stopped = direct.result()
+        try:
+            stopped = direct.result()
+        except LuksvmError as error:
+            stopped, failures = [], [str(error)]
         if through_units is not None:
             through_units.result()
+    # systemctl stop succeeds even when ExecStop failed (the unit ends "failed"): ask the units.
+    for name in active:
+        unit = unit_name(name)
+        if unit_state(unit) == "failed":
+            on_timeout = config.settings.policy_for(name).on_timeout
+            failures.append(
+                f"guest {name!r} not stopped: {unit} failed (on_timeout={on_timeout}); "
+                f"see: journalctl -u {shlex.quote(unit)}"
+            )
+    if failures:
+        raise LuksvmError("\n".join(failures))
     return stopped
 
 

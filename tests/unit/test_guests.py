@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from luksvm import config, guests, units, virt
-from luksvm.errors import UsageError
+from luksvm.errors import LuksvmError, UsageError
 from tests.conftest import write_config
 
 DOMAIN_XML = """<domain type='kvm'><name>mail</name><devices>
@@ -256,3 +256,27 @@ def test_starting_a_guest_may_take_longer_than_an_ordinary_libvirt_call(
     assert deadlines == {"start mail": virt.START_DEADLINE}
     assert virt.START_DEADLINE >= 4 * virt.CALL_DEADLINE
     assert guests.START_DEADLINE == virt.START_DEADLINE
+
+
+def test_a_unit_whose_stop_failed_fails_the_admins_stop(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in the e2e VM: `systemctl stop` exits 0 when ExecStop fails (on_timeout=fail), so
+    # `luksvm stop` said nothing while the guest went on running.
+    from luksvm import run
+
+    states = {"luksvm-guest@mail.service": "active", "luksvm-guest@web.service": "active"}
+    monkeypatch.setattr(guests, "unit_state", lambda u: states.get(u, "inactive"))
+
+    def fake_systemctl(argv: list[str], timeout: float) -> None:
+        states["luksvm-guest@mail.service"] = "inactive"
+        states["luksvm-guest@web.service"] = "failed"
+
+    monkeypatch.setattr(run, "run", fake_systemctl)
+    monkeypatch.setattr(guests, "stop_guests", lambda _c, names, _connect: [])
+    with pytest.raises(LuksvmError) as error:
+        guests.stop_through_units(cfg, ["mail", "web"])
+    assert str(error.value) == (
+        "guest 'web' not stopped: luksvm-guest@web.service failed (on_timeout=managedsave); "
+        "see: journalctl -u luksvm-guest@web.service"
+    )

@@ -169,7 +169,8 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
         )
         assert asked.monotonic > end.monotonic, f"{guest}: not stopped at shutdown\n{text}"
         waits[guest] = (seconds(asked), seconds(destroyed))
-        assert STOP_TIMEOUT <= waits[guest][1] - waits[guest][0] < STOP_TIMEOUT + 5, waits
+        # (each poll is a libvirt call: under emulation on a busy machine they take seconds)
+        assert STOP_TIMEOUT <= waits[guest][1] - waits[guest][0] < STOP_TIMEOUT + 8, waits
         # luksvm destroyed it, systemd never had to kill it: its scope went after the destroy
         scope = scope_entries(journal, guest, boot)
         assert scope, f"no entries about {guest}'s machine scope\n{text}"
@@ -178,10 +179,18 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
     assert max(a for a, _ in waits.values()) < min(d for _, d in waits.values()), (
         f"the waits did not overlap: not in parallel {waits}"
     )
-    stop_began = [journal.job_began(guest_unit(g), "stop", boot=boot) for g in waits]
-    stopped = [journal.job(guest_unit(g), "stop", boot=boot) for g in waits]
-    all_guests = max(map(seconds, stopped)) - min(map(seconds, stop_began))
-    assert all_guests < 2 * STOP_TIMEOUT, f"guest units took {all_guests:.1f} s to stop"
+    # the units' stop jobs ran together: all of them took as long as the slowest one, not the sum
+    # (each also starts a Python process, which costs seconds under emulation)
+    spans = {
+        g: (
+            seconds(journal.job_began(guest_unit(g), "stop", boot=boot)),
+            seconds(journal.job(guest_unit(g), "stop", boot=boot)),
+        )
+        for g in waits
+    }
+    all_guests = max(b for _, b in spans.values()) - min(a for a, _ in spans.values())
+    slowest = max(b - a for a, b in spans.values())
+    assert all_guests < slowest + 5 < sum(b - a for a, b in spans.values()), spans
 
     # spare (on_timeout=fail): luksvm waited, said so, and left it to systemd's scope kill
     fail = journal.last(r"on_timeout=fail leaves it running", boot=boot, LUKSVM_GUEST="spare")
@@ -198,8 +207,13 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
     vg_off = journal.last(r"deactivating guest VG vgmail", boot=boot, LUKSVM_VOLUME="cr_imap_encr")
     locked = {v: journal.last(r": locked$", boot=boot, LUKSVM_VOLUME=v) for v in ALL_VOLUMES}
     assert_order(libvirtd, vg_off, locked["cr_imap_encr"])
-    for volume, entry in locked.items():
-        assert_order(entry, journal.job(unlock_unit(volume), "stop", boot=boot))
+    unlock_stopped = [journal.job(unlock_unit(v), "stop", boot=boot) for v in ALL_VOLUMES]
+    for entry, stopped in zip(locked.values(), unlock_stopped):
+        assert_order(entry, stopped)
+    # lvm2's blkdeactivate (blk-availability.service) comes after: it finds nothing left to do
+    last_lock = max(unlock_stopped, key=lambda e: e.monotonic)
+    for entry in journal.find(boot=boot, identifier="blkdeactivate"):
+        assert_order(last_lock, entry)
     bad = [
         e
         for e in entries
@@ -208,13 +222,15 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
     ]
     assert not bad, "\n".join(map(str, bad))
 
-    last = entries[-1]
+    began = journal.first(r"The system will power off now", boot=boot)
+    final = journal.first(r"Reached target final.target", boot=boot)
     note(
         "shutdown of boot 2",
-        "guest waits "
+        "ACPI wait → destroy: "
         + ", ".join(f"{g} {d - a:.1f} s" for g, (a, d) in waits.items())
-        + f"; all guest units stopped in {all_guests:.1f} s (N×T = {len(waits)}×{STOP_TIMEOUT:g} s)"
-        + f"; scenario end → last journal entry {seconds(last) - seconds(end):.1f} s",
+        + f"; guest units' stop jobs (first began → last done) {all_guests:.1f} s for "
+        + f"{len(waits)} guests × stop_timeout {STOP_TIMEOUT:g} s (slowest unit {slowest:.1f} s); "
+        + f"poweroff → final.target {seconds(final) - seconds(began):.1f} s",
     )
 
 
@@ -224,7 +240,16 @@ def check_wrong_keyfile_boot(check: BootResult, admin: BootResult) -> None:
     journal, boot = check.journal, check.boot_id
     began = journal.job_began(unlock_unit("cr_web"), boot=boot)
     failed = journal.job(unlock_unit("cr_web"), boot=boot, result="failed")
-    assert seconds(failed) - seconds(began) < 10, (began, failed)
+    # at once: no longer than a good key takes in the same boot (no prompt, no retries)
+    good = [
+        seconds(journal.job(unlock_unit(v), boot=boot))
+        - seconds(journal.job_began(unlock_unit(v), boot=boot))
+        for v in ("cr_imap_encr", "cr_spare")
+    ]
+    assert seconds(failed) - seconds(began) < max(good) + 5, (began, failed, good)
+    # systemd-cryptsetup's own words, relayed by luksvm: one try, then no prompt
+    journal.first(r"Failed to activate with key file '/etc/luksvm/keys/web.key'", boot=boot)
+    journal.first(r"Too many attempts to activate; giving up", boot=boot)
     journal.job(guest_unit("web"), boot=boot, result="dependency")
     assert check.text("ask-files-at-boot") == ""
     assert check.text("running-at-boot").split() == ["mail", "spare"]

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: test deps lint unit integration e2e clean docs rpm
+.PHONY: test deps lint unit integration e2e demo clean docs rpm
 
 test: deps lint
 	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
@@ -25,6 +25,10 @@ integration: deps
 
 e2e: deps
 	$(PY) -m pytest -q tests/e2e
+
+# luksvm's main job on the e2e tier's seed host VM, told from its journal (tools/demo.py).
+demo: deps
+	$(PY) -m tools.demo
 
 # Manual pages, bash completion and the example luksvm.conf (tools/gendocs.py) into build/docs.
 docs:

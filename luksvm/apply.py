@@ -21,6 +21,7 @@ from luksvm import units
 from luksvm.config import Config
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import run
+from luksvm.systemctl import systemd_running
 
 UNIT_DIR = "etc/systemd/system"
 # Where a package manager puts unit files; when the templates are there, apply leaves them be.
@@ -85,10 +86,6 @@ def packaged_template_dir(root: str) -> str | None:
         if all(os.path.isfile(os.path.join(root, directory, n)) for n in units.TEMPLATES):
             return "/" + directory
     return None
-
-
-def systemd_running(root: str) -> bool:
-    return os.path.abspath(root) == "/" and os.path.isdir("/run/systemd/system")
 
 
 # --- plan ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from luksvm import blockdev, cryptsetup, journal
+from luksvm import blockdev, cryptsetup, files, journal
 from luksvm.config import Config, Volume
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -266,22 +266,6 @@ def locked(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_temporaries(directory: str) -> None:
     """Temporary files of a run that was killed (we hold the lock: no run is writing them)."""
     with contextlib.suppress(FileNotFoundError):
@@ -289,18 +273,6 @@ def _remove_stale_temporaries(directory: str) -> None:
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 os.unlink(os.path.join(directory, name))
                 log.info("removed %s, left by an interrupted run", os.path.join(directory, name))
-
-
-def _write_json_atomically(path: str, data: dict[str, object]) -> None:
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}{TEMP_SUFFIX}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 # --- one volume ---------------------------------------------------------------------------------
@@ -341,6 +313,38 @@ def unchanged_since(backup: Backup, device: str) -> bool:
     if record is None:
         return False
     return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+
+
+@dataclass(frozen=True)
+class Verification:
+    intact: bool  # the file is what was written (its recorded hash), or reads as a LUKS header
+    current: bool  # it holds the device's current LUKS metadata: no header change since
+    problem: str  # why not, "" when both hold
+
+
+def verify_backup(backup: Backup, device: str) -> Verification:
+    """Whether `backup` can restore `device` as it is now. With its .json record: the file's hash
+    and the device's metadata hash (no process); without: the headers compared (cryptsetup)."""
+    record = read_record(backup)
+    if record is None:
+        try:
+            differences = header_differences(
+                cryptsetup.read_header(device), cryptsetup.read_header(backup.path)
+            )
+        except LuksvmError as error:
+            return Verification(False, False, str(error))
+        return Verification(True, not differences, "; ".join(differences))
+    if sha256_of(backup.path) != record.file_sha256:
+        return Verification(
+            False, False, f"{backup.path} no longer hashes as recorded in {backup.record_path}"
+        )
+    if not unchanged_since(backup, device):
+        return Verification(
+            True,
+            False,
+            "the LUKS header changed since (a keyslot or token added, removed or changed)",
+        )
+    return Verification(True, True, "")
 
 
 def backup_volume(
@@ -388,7 +392,7 @@ def backup_volume(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     if doomed:
-        _fsync_dir(directory)
+        files.fsync(directory)
     return _outcome(volume, newest, changed=changed, removed=removed)
 
 
@@ -436,7 +440,7 @@ def _write_backup(volume: Volume, directory: str, moment: datetime) -> Backup:
                 f"{volume.name}: the header of {device} changed while it was backed up; run again"
             )
         os.chmod(temporary, 0o600)
-        _fsync_file(temporary)
+        files.fsync(temporary)
         file_sha256 = sha256_of(temporary)
         final = os.path.join(directory, f"{stamp(moment)}_{live.uuid}{SUFFIX}")
         os.link(temporary, final)  # fails rather than replace an existing backup
@@ -444,20 +448,24 @@ def _write_backup(volume: Volume, directory: str, moment: datetime) -> Backup:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     backup = Backup(final, moment, live.uuid, False)
-    _write_json_atomically(
+    files.write_atomically(
         backup.record_path,
-        {
-            "volume": volume.name,
-            "device": device,
-            "uuid": live.uuid,
-            "luks_version": live.version,
-            "created": iso(moment),
-            "file_sha256": file_sha256,
-            "metadata_bytes": before[0],
-            "metadata_sha256": before[1],
-        },
+        json.dumps(
+            {
+                "volume": volume.name,
+                "device": device,
+                "uuid": live.uuid,
+                "luks_version": live.version,
+                "created": iso(moment),
+                "file_sha256": file_sha256,
+                "metadata_bytes": before[0],
+                "metadata_sha256": before[1],
+            },
+            indent=2,
+        )
+        + "\n",
     )
-    _fsync_dir(directory)
+    files.fsync(directory)
     log.info(
         "backed up the LUKS%d header of %s (%s) to %s",
         live.version,
@@ -735,5 +743,5 @@ def _copy_raw_area(device: str, folder: str, size: int) -> str:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-    _fsync_dir(folder)
+    files.fsync(folder)
     return final

@@ -5,14 +5,17 @@ partition table counts logical sectors (LBAs). Both are kept apart by name here.
 
 Stacks (what lies below a device, with device-mapper names and discard limits) and the device a
 directory's filesystem is on are read by functions that take `sys_dir` (normally /sys), so that
-tests can hand them a small fake tree.
+tests can hand them a small fake tree. So are the names one device has under /dev and whether a
+device (or the filesystem holding a file) is encrypted all the way down (doctor).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from luksvm.errors import LuksvmError
@@ -171,14 +174,6 @@ def mountpoints(path: str) -> list[str]:
     return found
 
 
-def open_count(dm_name: str) -> int:
-    """How many openers a device-mapper device has (each stacked device counts as one)."""
-    text = run(
-        ["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm_name], timeout=TIMEOUT
-    ).stdout
-    return int(text.strip() or 0)
-
-
 def crypt_mapping_on(device: str) -> str:
     """The device-mapper name of the dm-crypt mapping open on `device`, "" if none is."""
     for holder in describe(device).holders:
@@ -309,4 +304,188 @@ def stack(number: str, sys_dir: str = SYS_DIR) -> list[Layer]:
             following.extend(_below_names(name, sys_dir))
         level = following
         depth += 1
+    return found
+
+
+# --- names, and what a device lies on: encrypted or not (doctor) -----------------------------
+
+# /dev/disk/by-id prefixes from most to least stable (hardware identities before kernel names).
+STABLE_PREFIXES = ("wwn-", "nvme-eui.", "nvme-", "ata-", "scsi-", "md-uuid-", "dm-uuid-", "usb-")
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What a block device or a filesystem lies on. encrypted is None when it cannot be told."""
+
+    encrypted: bool | None
+    memory: bool  # zram, tmpfs: nothing reaches a disk
+    description: str  # e.g. "sda2", "dm-3 (dm-crypt cr_root) on sda3"
+
+
+def aliases(path: str, dev: str = "/dev") -> list[str]:
+    """Every name the block device at `path` has under /dev (the node, /dev/mapper, /dev/disk/by-*,
+    /dev/block), sorted; [] when it does not exist."""
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return []
+    names = {os.path.realpath(path)} if os.path.realpath(path).startswith(dev) else set()
+    names.add(path)
+    for directory in _alias_dirs(dev):
+        for entry in _entries(directory):
+            try:
+                st = os.stat(entry)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                names.add(entry)
+    return sorted(names)
+
+
+def _alias_dirs(dev: str) -> Iterator[str]:
+    yield os.path.join(dev, "mapper")
+    yield os.path.join(dev, "block")
+    for name in _names(os.path.join(dev, "disk")):
+        yield os.path.join(dev, "disk", name)
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
+def _entries(directory: str) -> list[str]:
+    return [os.path.join(directory, name) for name in _names(directory)]
+
+
+def next_dm_name(sys: str = "/sys") -> str:
+    """The dm-N name the next device-mapper device gets (the kernel takes the lowest free minor)."""
+    taken = {
+        int(name[3:])
+        for name in _names(os.path.join(sys, "block"))
+        if name.startswith("dm-") and name[3:].isdigit()
+    }
+    number = 0
+    while number in taken:
+        number += 1
+    return f"dm-{number}"
+
+
+def stable_alias(names: list[str]) -> str | None:
+    """The /dev/disk/by-id name least likely to change across boots and disk reordering."""
+    by_id = [n for n in names if "/disk/by-id/" in n and "/lvm-pv-uuid-" not in n]
+    for prefix in STABLE_PREFIXES:
+        for name in by_id:
+            if os.path.basename(name).startswith(prefix):
+                return name
+    return by_id[0] if by_id else None
+
+
+def backing_of_device(path: str, sys: str = "/sys", proc: str = "/proc") -> Backing:
+    """Where the block device at `path` lies (dm-crypt anywhere in every path down → encrypted)."""
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError as error:
+        return Backing(None, False, f"{path}: {error.strerror}")
+    return backing_of_devnum(os.major(rdev), os.minor(rdev), sys, proc)
+
+
+def backing_of_file(path: str, sys: str = "/sys", proc: str = "/proc") -> Backing:
+    """Where the filesystem holding `path` lies."""
+    try:
+        device = os.stat(path).st_dev
+    except OSError as error:
+        return Backing(None, False, f"{path}: {error.strerror}")
+    return backing_of_devnum(os.major(device), os.minor(device), sys, proc)
+
+
+def backing_of_devnum(major: int, minor: int, sys: str = "/sys", proc: str = "/proc") -> Backing:
+    if major == 0:
+        return _backing_of_mount(major, minor, sys, proc)
+    name = _kernel_name(f"{major}:{minor}", sys)
+    if name is None:
+        return Backing(None, False, f"block device {major}:{minor} not in {sys}")
+    return _backing_of_block(name, sys, proc, depth=0)
+
+
+def _backing_of_mount(major: int, minor: int, sys: str, proc: str) -> Backing:
+    """Filesystems without a block device of their own (tmpfs, btrfs, overlay, nfs) show a
+    0:N device number: mountinfo says what they are."""
+    for fields in _mountinfo(proc):
+        if fields[2] != f"{major}:{minor}":
+            continue
+        separator = fields.index("-")
+        fstype, source = fields[separator + 1], fields[separator + 2]
+        if fstype in MEMORY_FILESYSTEMS:
+            return Backing(False, True, f"{fstype} (memory)")
+        if source.startswith("/dev/"):
+            backing = backing_of_device(source, sys, proc)
+            return Backing(backing.encrypted, backing.memory, f"{fstype} on {backing.description}")
+        return Backing(None, False, f"{fstype} from {source}")
+    return Backing(None, False, f"filesystem {major}:{minor} not in {proc}/self/mountinfo")
+
+
+def _mountinfo(proc: str) -> list[list[str]]:
+    try:
+        with open(os.path.join(proc, "self", "mountinfo"), encoding="utf-8") as f:
+            return [line.split() for line in f]
+    except OSError:
+        return []
+
+
+def _backing_of_block(name: str, sys: str, proc: str, depth: int) -> Backing:
+    """Encrypted when dm-crypt lies on every path from `name` down to the disks (a RAID with one
+    plain member is not)."""
+    if depth > MAX_DEPTH:
+        return Backing(None, False, f"{name}: device stack too deep")
+    if name.startswith(("zram", "ram")):
+        return Backing(False, True, f"{name} (memory)")
+    base = os.path.join(sys, "class/block", name)
+    dm_uuid = _read(os.path.join(base, "dm/uuid"))
+    dm_name = _read(os.path.join(base, "dm/name"))
+    if dm_uuid.startswith("CRYPT-"):
+        return Backing(True, False, f"{name} (dm-crypt {dm_name})")
+    backing_file = _read(os.path.join(base, "loop/backing_file"))
+    if backing_file:
+        below = backing_of_file(backing_file, sys, proc)
+        return Backing(
+            below.encrypted, below.memory, f"{name} ({backing_file}) on {below.description}"
+        )
+    names = _below_names(name, sys)
+    if not names:
+        return Backing(False, False, name)
+    belows = [_backing_of_block(n, sys, proc, depth + 1) for n in names]
+    label = f"{name} ({dm_name})" if dm_name else name
+    description = f"{label} on " + " + ".join(b.description for b in belows)
+    if all(b.encrypted for b in belows):
+        return Backing(True, False, description)
+    if any(b.encrypted is False for b in belows):
+        return Backing(False, all(b.memory for b in belows), description)
+    return Backing(None, False, description)
+
+
+@dataclass(frozen=True)
+class Swap:
+    path: str
+    kind: str  # partition | file
+    size_kib: int
+
+
+def swaps(proc: str = "/proc") -> list[Swap]:
+    """Active swap areas (/proc/swaps)."""
+    text = _read(os.path.join(proc, "swaps"))
+    return parse_swaps(text)
+
+
+def parse_swaps(text: str) -> list[Swap]:
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3:
+            # the kernel writes spaces and other blanks in names as octal escapes (\040)
+            path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[0])
+            found.append(Swap(path, fields[1], int(fields[2])))
     return found

@@ -83,6 +83,27 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from luksvm import doctor
+
+    if args.list:
+        print_table(
+            [["CHECK", "WHAT IT PROVES"]] + [[c.name, c.description] for c in doctor.CHECKS]
+        )
+        return EXIT_OK
+    report = doctor.doctor(args.root, args.checks)
+    if args.prometheus:
+        text = doctor.prometheus_text(
+            report.findings, duration=report.duration, now=report.finished
+        )
+        doctor.write_textfile(args.prometheus, text)
+    if args.json:
+        print_json(doctor.as_json(report.findings))
+    else:
+        sys.stdout.write(doctor.format_report(report.checks, report.findings))
+    return report.exit_code
+
+
 def _volumes(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """The configuration and the volumes named on the command line (or all of them)."""
     from luksvm import config
@@ -153,14 +174,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_guest_start(args: argparse.Namespace) -> int:
     import os
 
-    from luksvm import config, guests, virt
+    from luksvm import config, guests, systemctl, virt
 
     cfg = config.load(args.root)
     cfg.guest(args.guest)
-    if guests.systemd_runs(cfg) and os.environ.get("INVOCATION_ID"):
+    if systemctl.systemd_running(cfg.root) and os.environ.get("INVOCATION_ID"):
         # From its unit: lower-order guests first (see wait_for_earlier_units).
         guests.wait_for_earlier_units(
-            cfg, args.guest, guests.unit_state, timeout=guests.EARLIER_GUEST_WAIT
+            cfg, args.guest, systemctl.unit_state, timeout=guests.EARLIER_GUEST_WAIT
         )
     with virt.connect(cfg.settings.uri) as conn:
         guests.start_guest(cfg, args.guest, conn)
@@ -177,11 +198,11 @@ def cmd_guest_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from luksvm import config, guests
+    from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    through_units = guests.systemd_runs(cfg) and not args.direct
+    through_units = systemctl.systemd_running(cfg.root) and not args.direct
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
         return EXIT_OK
@@ -193,11 +214,11 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from luksvm import config, guests
+    from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
     names = guests.select(cfg, args.guests, args.all)
-    through_units = guests.systemd_runs(cfg) and not args.direct
+    through_units = systemctl.systemd_running(cfg.root) and not args.direct
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
         return EXIT_OK
@@ -432,6 +453,20 @@ def build_parser() -> Parser:
     check = config_commands.add_parser("check", help="validate and show volumes and guests")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_config_check)
+
+    doctor_parser = commands.add_parser(
+        "doctor",
+        help="check the host: what is wrong, why it matters, the fix (exit 0 ok, 1 warn, 2 fail)",
+    )
+    doctor_parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor_parser.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write the results for node_exporter's textfile collector (atomically)",
+    )
+    doctor_parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    doctor_parser.add_argument("checks", nargs="*", metavar="CHECK", help="run only these checks")
+    doctor_parser.set_defaults(func=cmd_doctor)
 
     unlock = commands.add_parser(
         "unlock",

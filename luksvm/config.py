@@ -649,6 +649,15 @@ def build(
 
 def load(root: str = "/") -> Config:
     """Read and validate the whole configuration under ROOT; ConfigError lists every problem."""
+    config, problems = read(root)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read(root: str = "/") -> tuple[Config, list[Problem]]:
+    """The configuration under ROOT as far as it parses, and every problem found (doctor reports
+    the problems and still checks the volumes that did parse)."""
     problems: list[Problem] = []
     volumes: list[Volume] = []
     files = fragment_paths(root)
@@ -667,9 +676,7 @@ def load(root: str = "/") -> Config:
             problems.extend(more)
         files.append(settings_path)
     kept, guests = build(volumes, settings, settings_path, problems)
-    if problems:
-        raise ConfigError(problems)
-    return Config(os.path.abspath(root), kept, guests, settings, tuple(files))
+    return Config(os.path.abspath(root), kept, guests, settings, tuple(files)), problems
 
 
 def describe(config: Config) -> dict[str, object]:

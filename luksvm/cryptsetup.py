@@ -39,6 +39,7 @@ class LuksHeader:
     keyslots: tuple[Keyslot, ...]
     flags: tuple[str, ...]  # LUKS2 persistent flags such as allow-discards
     tokens: tuple[str, ...]  # LUKS2 token types (systemd-tpm2, systemd-fido2, …)
+    token_keyslots: tuple[int, ...] = ()  # keyslots a token unlocks (TPM2/FIDO2 enrolments)
 
     @property
     def header_size(self) -> int:
@@ -73,9 +74,11 @@ def is_luks(device: str) -> bool:
 
 def read_header(device: str) -> LuksHeader:
     """The header of the LUKS device (or header backup file) at `device`."""
-    if not is_luks(device):
-        raise LuksvmError(f"{device} is not a LUKS device (cryptsetup isLuks says no)")
-    text = run(["cryptsetup", "luksDump", device], timeout=TIMEOUT).stdout
+    dump = run(["cryptsetup", "luksDump", device], timeout=TIMEOUT, check=False)
+    if dump.returncode != 0:  # one process fewer than isLuks first: doctor reads many headers
+        why = dump.stderr.strip().splitlines()[-1] if dump.stderr.strip() else "no LUKS header"
+        raise LuksvmError(f"{device} is not a LUKS device (cryptsetup luksDump: {why})")
+    text = dump.stdout
     version = _field(text, "Version")
     if version == "1":
         return parse_luks1_dump(device, text)
@@ -135,6 +138,11 @@ def parse_luks2(device: str, text: str, metadata: dict[str, object]) -> LuksHead
         ),
         flags=tuple(str(f) for f in config.get("flags", [])),  # type: ignore[attr-defined]
         tokens=tuple(str(t.get("type", "")) for t in tokens.values()),
+        token_keyslots=tuple(
+            sorted(
+                {int(str(n)) for t in tokens.values() for n in t.get("keyslots", [])}  # type: ignore[attr-defined]
+            )
+        ),
     )
 
 

@@ -21,6 +21,7 @@ from luksvm import journal, units, virt
 from luksvm.config import Config, GuestPolicy
 from luksvm.durations import USEC_PER_SEC, format_timespan
 from luksvm.errors import LuksvmError, UsageError
+from luksvm.systemctl import unit_state
 
 log = logging.getLogger("luksvm.guests")
 
@@ -228,7 +229,10 @@ def start_guest(config: Config, name: str, conn: virt.Connection, *, delay: bool
         )
     log.info("starting guest %s", name, extra=fields)
     began = time.monotonic()
-    domain.start(START_DEADLINE)
+    # create itself may take long on a busy host (or restoring a managedsave image): it has the
+    # whole start deadline, not that of one ordinary call, or the unit fails while libvirt goes
+    # on to start the guest.
+    domain.start(deadline=START_DEADLINE)
     left = max(START_DEADLINE - (time.monotonic() - began), 1.0)
     if not domain.wait_for({"running", "blocked"}, left, poll=0.2):
         raise LuksvmError(
@@ -443,19 +447,6 @@ def select(config: Config, names: Sequence[str], every: bool) -> list[str]:
     return [g.name for g in config.guests if g.name in names]
 
 
-def systemd_runs(config: Config) -> bool:
-    return config.root == "/" and os.path.isdir("/run/systemd/system")
-
-
-def unit_state(unit: str) -> str:
-    from luksvm.run import run
-
-    result = run(
-        ["systemctl", "show", "--property=ActiveState", "--value", unit], timeout=30, check=False
-    )
-    return result.stdout.strip() or "unknown"
-
-
 def start_through_units(config: Config, names: Sequence[str]) -> None:
     """One `systemctl start` per guest, in order, on the admin's terminal (passphrase prompts
     for its volumes appear there). An active unit whose guest was shut down is restarted: an
@@ -529,6 +520,32 @@ def start_directly(config: Config, names: Sequence[str]) -> None:
 
 
 # --- coexistence with libvirt's own autostart (`luksvm apply [--take-over]`) -------------------
+
+
+# libvirt-guests reads its settings from one of these (Debian; Fedora/RHEL); its own defaults
+# apply to whatever they leave unset.
+LIBVIRT_GUESTS_FILES = ("etc/default/libvirt-guests", "etc/sysconfig/libvirt-guests")
+LIBVIRT_GUESTS_DEFAULTS = {"ON_BOOT": "start", "ON_SHUTDOWN": "suspend"}
+
+
+def libvirt_guests_settings(config: Config) -> tuple[str, dict[str, str]]:
+    """(the file, its settings over libvirt-guests' defaults); the file is "" when none exists.
+    Shell assignments only (KEY=value, quotes stripped), as libvirt-guests.sh sources them."""
+    settings = dict(LIBVIRT_GUESTS_DEFAULTS)
+    for path in LIBVIRT_GUESTS_FILES:
+        full = _under(config, path)
+        try:
+            with open(full, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            match = re.fullmatch(r"\s*([A-Z_]+)=(.*?)\s*", line)
+            if match:
+                words = shlex.split(match.group(2), comments=True) or [""]
+                settings[match.group(1)] = words[0]
+        return "/" + path, settings
+    return "", settings
 
 
 def autostarting(config: Config, conn: virt.Connection) -> list[str]:

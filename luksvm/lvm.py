@@ -6,9 +6,12 @@ Sizes are always passed and read with an explicit unit: a bare number means MiB 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 from luksvm.errors import LuksvmError
 from luksvm.run import run
@@ -268,6 +271,138 @@ def parse_end_metadata_area(text: str) -> int:
 def supports_fs_option(lvm_version: tuple[int, int, int]) -> bool:
     """lvreduce/lvresize know `--fs` (and default to `--fs checksize`) from lvm2 2.03.17 on."""
     return lvm_version >= (2, 3, 17)
+
+
+# --- configuration: what lvm.conf (and lvmlocal.conf) make of devices, filters, activation ------
+
+ConfigValue = Union[int, float, str, list[Union[int, float, str]]]
+
+
+def config(typeconfig: str = "full", system_dir: str | None = None) -> dict[str, ConfigValue]:
+    """`lvmconfig --typeconfig TYPE` as {"section/key": value}: "full" is every effective value
+    (defaults included), "current" only what the configuration files set. system_dir replaces
+    /etc/lvm (LVM_SYSTEM_DIR)."""
+    argv = ["lvmconfig", "--typeconfig", typeconfig]
+    if system_dir and not os.path.exists(os.path.join(system_dir, "lvm.conf")):
+        # No lvm.conf there: LVM runs on its built-in defaults. lvmconfig refuses a missing or
+        # empty file, so show it one with an empty section.
+        with tempfile.TemporaryDirectory(prefix="luksvm-lvm.") as empty:
+            with open(os.path.join(empty, "lvm.conf"), "w", encoding="utf-8") as f:
+                f.write("config {\n}\n")
+            text = run(argv, timeout=TIMEOUT, env={"LVM_SYSTEM_DIR": empty}).stdout
+    else:
+        env = {"LVM_SYSTEM_DIR": system_dir} if system_dir else None
+        text = run(argv, timeout=TIMEOUT, env=env).stdout
+    return parse_config(text)
+
+
+_CONFIG_TOKEN = re.compile(
+    r"""\s+|\#[^\n]*|(?P<string>"(?:[^"\\]|\\.)*")|(?P<number>-?\d+(?:\.\d+)?)|(?P<word>[\w/.-]+)|(?P<punct>[{}=\[\],])"""
+)
+
+
+def parse_config(text: str) -> dict[str, ConfigValue]:
+    """lvm.conf syntax (sections, key = value, "strings", numbers, [lists]) flattened to
+    {"section/key": value}."""
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    while position < len(text):
+        match = _CONFIG_TOKEN.match(text, position)
+        if not match:
+            raise ValueError(
+                f"cannot parse LVM configuration at {text[position : position + 40]!r}"
+            )
+        position = match.end()
+        kind = match.lastgroup
+        if kind:
+            tokens.append((kind, match.group(kind)))
+    values: dict[str, ConfigValue] = {}
+    sections: list[str] = []
+    index = 0
+
+    def scalar(token: tuple[str, str]) -> int | float | str:
+        kind, text = token
+        if kind == "string":
+            return re.sub(r"\\(.)", r"\1", text[1:-1])
+        if kind == "number":
+            return float(text) if "." in text else int(text)
+        return text
+
+    while index < len(tokens):
+        kind, word = tokens[index]
+        if (kind, word) == ("punct", "}"):
+            sections.pop()
+            index += 1
+        elif index + 1 < len(tokens) and tokens[index + 1] == ("punct", "{"):
+            sections.append(word)
+            index += 2
+        elif index + 2 < len(tokens) and tokens[index + 1] == ("punct", "="):
+            key = "/".join([*sections, word])
+            index += 2
+            if tokens[index] == ("punct", "["):
+                items: list[int | float | str] = []
+                index += 1
+                while tokens[index] != ("punct", "]"):
+                    if tokens[index] != ("punct", ","):
+                        items.append(scalar(tokens[index]))
+                    index += 1
+                values[key] = items
+            else:
+                values[key] = scalar(tokens[index])
+            index += 1
+        else:
+            raise ValueError(f"unexpected {word!r} in LVM configuration")
+    return values
+
+
+def filter_accepts(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether an LVM device filter accepts a device known by `names` (lvm.conf(5)): each name is
+    judged by the first pattern that matches it; the device is accepted when any name is accepted
+    or when no name matches any pattern, rejected only when every matching name hit an "r" first."""
+    rejected = False
+    for name in names:
+        verdict = _first_match(patterns, name)
+        if verdict == "a":
+            return True
+        if verdict == "r":
+            rejected = True
+    return not rejected
+
+
+def _first_match(patterns: Sequence[str], name: str) -> str | None:
+    for pattern in patterns:
+        if len(pattern) < 3 or pattern[0] not in "ar":
+            continue  # LVM refuses such a filter; judging it is the LVM tools' job
+        delimiter = pattern[1]
+        end = pattern.rfind(delimiter)
+        if end <= 1:
+            continue
+        if re.search(pattern[2:end], name):
+            return pattern[0]
+    return None
+
+
+def filter_pattern(kind: str, path: str) -> str:
+    """An anchored filter pattern ("a" or "r") for exactly `path`; metacharacters go in brackets,
+    so no backslash has to survive lvm.conf's string quoting."""
+    escaped = "".join(f"[{c}]" if c in ".+*?()^$" else c for c in path)
+    return f"{kind}|^{escaped}$|"
+
+
+def devices_file_entries(path: str) -> list[dict[str, str]]:
+    """The devices listed in an LVM devices file (system.devices): one dict of KEY=VALUE fields per
+    device line (IDTYPE, IDNAME, DEVNAME, PVID, …)."""
+    entries = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = dict(
+                part.split("=", 1)
+                for part in line.split()
+                if "=" in part and not line.startswith("#")
+            )
+            if "IDTYPE" in fields:
+                entries.append(fields)
+    return entries
 
 
 # --- guest VGs on LUKS mappings (lock) ----------------------------------------------------------

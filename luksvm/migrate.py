@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from luksvm import config, cryptsetup, lvm, qemuimg, virt
+from luksvm import config, cryptsetup, files, lvm, qemuimg, virt
 from luksvm.config import Config, Volume
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import CommandError, run, stream
@@ -697,7 +697,7 @@ class State:
             "started": self.started,
             "finished": self.finished,
         }
-        write_atomically(self.path, json.dumps(data, indent=2) + "\n")
+        files.write_atomically(self.path, json.dumps(data, indent=2) + "\n")
 
     def mark(self, step: str) -> None:
         if step not in self.done:
@@ -744,28 +744,6 @@ def states_of(root: str, guest: str) -> list[State]:
         and n.count(".") == guest.count(".") + 2
     ]
     return sorted((s for s in found if s.request.guest == guest), key=lambda s: s.started)
-
-
-def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -1146,7 +1124,7 @@ def _redefine(state: State, ctx: Context) -> None:
     disk = domain_disk(current, request.disk)
     if not (disk.type == "block" and disk.source == request.mapping_path):
         if not os.path.exists(state.previous_xml_path):
-            write_atomically(state.previous_xml_path, current)
+            files.write_atomically(state.previous_xml_path, current)
         ctx.domains.define(rewrite_domain_xml(current, request.disk, request.mapping_path))
     defined = ctx.domains.defined_xml(request.guest)
     now = domain_disk(defined, request.disk)
@@ -1155,13 +1133,13 @@ def _redefine(state: State, ctx: Context) -> None:
             f"libvirt did not take the new definition of {request.guest}: {request.disk} is "
             f"{now.type} {now.source}"
         )
-    write_atomically(state.defined_xml_path, defined)
+    files.write_atomically(state.defined_xml_path, defined)
 
 
 def _configure(state: State, ctx: Context) -> None:
     request = state.request
     path = fragment_path(ctx.root, request.mapping)
-    write_atomically(path, fragment_text(request), mode=0o644)
+    files.write_atomically(path, fragment_text(request), mode=0o644)
     try:
         ctx.config = config.load(ctx.root)
     except LuksvmError:
@@ -1358,9 +1336,9 @@ def backup_header(cfg: Config, name: str) -> str:
 def adopt(cfg: Config, name: str) -> None:
     """Start the volume's unlock unit: it finds the mapping open (no prompt), and from then on
     owns it, so the mapping is locked at shutdown. Without systemd there is no unit to start."""
-    from luksvm import apply, units
+    from luksvm import systemctl, units
 
-    if apply.systemd_running(cfg.root):
+    if systemctl.systemd_running(cfg.root):
         run(["systemctl", "start", units.unlock_unit(name)], timeout=120)
 
 

@@ -13,7 +13,7 @@ import os
 import shlex
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from luksvm.errors import LuksvmError
@@ -64,8 +64,9 @@ def dry_run() -> Iterator[list[tuple[str, ...]]]:
         _recording.reset(token)
 
 
-def command_env() -> dict[str, str]:
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     env["LANG"] = "C"
     env["LC_ALL"] = "C"
     return env
@@ -78,11 +79,13 @@ def run(
     stdin: bytes | None = None,
     check: bool = True,
     secret: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Result:
     """Run argv (never a shell) and capture its output.
 
     stdin carries secrets; secret=True records that it did, so logs say so without the bytes.
-    check=True raises CommandError on a non-zero exit.
+    check=True raises CommandError on a non-zero exit. env adds variables for this one command
+    (e.g. LVM_SYSTEM_DIR); never secrets.
     """
     argv = tuple(argv)
     recording = _recording.get()
@@ -96,7 +99,7 @@ def run(
             input=stdin if stdin is not None else b"",
             capture_output=True,
             timeout=timeout,
-            env=command_env(),
+            env=command_env(env),
             check=False,
         )
     except FileNotFoundError:

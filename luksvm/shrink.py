@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
-from luksvm import blockdev, config, cryptsetup, extfs, lvm, sizes
+from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -89,7 +89,8 @@ class Layout:
 class Check:
     """What must be true after a step, measurable on the devices.
 
-    kind: fsck (exit status 0), file (exists, `expected` bytes), fs_blocks, lv_size (bytes),
+    kind: fsck (exit status 0), file (exists, `expected` bytes), header_backup (1: the file reads
+    back as the container's LUKS header, see backup.header_differences), fs_blocks, lv_size (bytes),
     pv_extents, pv_dev_size (bytes), segment (PEs `expected`… hold LEs args[1]… of LV args[0]),
     mapping_size (512-byte sectors), partition_size (LBAs in the table), kernel_size (bytes)."""
 
@@ -164,7 +165,10 @@ class Plan:
     @property
     def nothing_to_do(self) -> bool:
         """Only backups and checks left: every layer already has its planned size."""
-        return all(step.check.kind in {"file", "fsck"} for step in self.steps)
+        return all(step.check.kind in BOOKKEEPING for step in self.steps)
+
+
+BOOKKEEPING = frozenset({"file", "header_backup", "fsck"})  # checks of steps that change no layer
 
 
 class PlanRefused(LuksvmError):
@@ -428,8 +432,10 @@ def _steps(
     add(
         "back up the LUKS header",
         ["cryptsetup", "luksHeaderBackup", luks.device, "--header-backup-file", header_file],
-        Check("file", header_file, luks.data_offset, f"{header_file} holds {luks.data_offset:,} B"),
-        [f"header: {human(luks.data_offset)}"],
+        # Not a size check: LUKS1 saves up to its last keyslot's end (4,040 sectors with a 512-bit
+        # key), short of the payload offset; LUKS2 its metadata and keyslot area.
+        Check("header_backup", header_file, 1, f"{header_file} reads back as header {luks.uuid}"),
+        [f"header area: {human(luks.data_offset)}"],
         timeout=120,
     )
     vg_file = f"{backup_dir}/{vg.name}.vg"
@@ -922,6 +928,8 @@ def measure(check: Check, where: Where) -> int:
         if not os.path.exists(subject):
             return -1
         return os.path.getsize(subject) if check.expected else 0
+    if kind == "header_backup":
+        return _header_backup_verifies(subject, where.container)
     if kind == "fs_blocks":
         header = run(["dumpe2fs", "-h", subject], timeout=extfs.TIMEOUT).stdout
         match = re.search(r"^Block count:\s*(\d+)", header, re.MULTILINE)
@@ -952,6 +960,19 @@ def measure(check: Check, where: Where) -> int:
     if kind == "kernel_size":
         return blockdev.describe(subject).size
     raise ValueError(f"unknown check {kind}")
+
+
+def _header_backup_verifies(path: str, container: str) -> int:
+    """1 when `path` reads back as `container`'s LUKS header, 0 when it differs, -1 when absent."""
+    from luksvm import backup
+
+    if not os.path.exists(path):
+        return -1
+    try:
+        copy = cryptsetup.read_header(path)
+    except LuksvmError:
+        return 0
+    return 0 if backup.header_differences(cryptsetup.read_header(container), copy) else 1
 
 
 # --- carrying a plan out -------------------------------------------------------------------------
@@ -1165,14 +1186,16 @@ def _find_container(vg: str, device: str | None) -> tuple[str, str]:
 
 def _refuse_if_held(name: str, mapping: str, volume: config.Volume | None) -> None:
     """An open mapping held by more than the LVs stacked on it is in use by a process: a guest."""
-    holders = len(blockdev.describe(mapping).holders)
-    if blockdev.open_count(name) > holders:
+    device = devmapper.by_name(devmapper.devices()).get(name)
+    if device is not None and device.open_count > len(device.holders):
+        users = devmapper.users([device.kernel]).get(device.kernel, ())
         guests = (
             f" (guests using it: {', '.join(volume.guests)})" if volume and volume.guests else ""
         )
+        held = f" ({'; '.join(users)})" if users else ""
         raise PlanRefused(
-            f"{mapping} is held open by a process{guests}; shut the guest off first "
-            "(virsh shutdown GUEST) and run again"
+            f"{mapping} is held open by a process{held}{guests}; shut the guest off first "
+            "(luksvm stop GUEST) and run again"
         )
 
 

@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from luksvm import devmapper, guests, lvm, virt
-from luksvm.apply import systemd_running
 from luksvm.config import Config
 from luksvm.run import CommandError
+from luksvm.systemctl import systemd_running, unit_states
 from luksvm.units import guest_unit, unlock_unit
-from luksvm.unlock import unit_states
 
 NOT_DEFINED = "not defined in libvirt"
 

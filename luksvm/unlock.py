@@ -20,12 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from luksvm import cryptsetup, devmapper, journal, keys, lvm
-from luksvm.apply import systemd_running
 from luksvm.config import GENERATOR_OPTIONS, Config, Volume
 from luksvm.devmapper import DmDevice
 from luksvm.errors import LuksvmError
 from luksvm.lvm import VolumeGroup
 from luksvm.run import CommandError, run, run_interactive
+from luksvm.systemctl import systemd_running, unit_states
 from luksvm.units import guest_unit, unlock_unit
 
 log = logging.getLogger("luksvm.unlock")
@@ -64,28 +64,6 @@ class Plan:
 
 
 # --- systemd: unit names and states ------------------------------------------------------------
-
-
-def unit_states(units: Sequence[str]) -> dict[str, str]:
-    """ActiveState of each unit (active, inactive, failed, activating, …), one `systemctl show`."""
-    if not units:
-        return {}
-    result = run(
-        ["systemctl", "show", "--property=ActiveState", "--", *units], timeout=SYSTEMCTL_TIMEOUT
-    )
-    return parse_unit_states(units, result.stdout)
-
-
-def parse_unit_states(units: Sequence[str], text: str) -> dict[str, str]:
-    """`systemctl show` prints one block per unit, in the order asked, separated by blank lines."""
-    blocks = [block for block in text.strip().split("\n\n") if block.strip()]
-    states = {}
-    for unit, block in zip(units, blocks):
-        for line in block.splitlines():
-            key, _, value = line.partition("=")
-            if key == "ActiveState":
-                states[unit] = value
-    return states
 
 
 # --- unlock ------------------------------------------------------------------------------------
@@ -451,6 +429,12 @@ def execute(plan: Plan, config: Config) -> None:
                     secret = keys.keyring_secret(volume, config.settings)
                 run(step.argv, timeout=step.timeout, stdin=secret, secret=secret is not None)
         except CommandError as error:
+            if plan.action == "lock" and plan.volume not in devmapper.names():
+                # Closed meanwhile by someone else: at shutdown lvm2's blk-availability.service
+                # runs blkdeactivate alongside the lock units (seen in the VM).
+                fields = journal.fields(volume=plan.volume, message_id="locked")
+                log.info("%s: already locked (closed meanwhile)", plan.volume, extra=fields)
+                return
             raise LuksvmError(_failed(plan, step, error)) from None
     if volume is not None:
         _verify(plan)

@@ -23,7 +23,25 @@ from .project import build_wheel
 from .seed import SeedHost
 from .vm import Machine
 
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "debugfs", "e2fsck")
+REQUIRED_TOOLS = (
+    "qemu-system-x86_64",
+    "qemu-img",
+    "mmdebstrap",
+    "mke2fs",
+    "debugfs",
+    "e2fsck",
+    "journalctl",
+)
+
+# Shown in the summary, so that a failure can be told from a package change (see packages.txt).
+KEY_PACKAGES = (
+    "linux-image-amd64",
+    "systemd",
+    "lvm2",
+    "cryptsetup-bin",
+    "libvirt-daemon",
+    "python3",
+)
 
 _TIMINGS: dict[str, Any] = {}
 
@@ -36,7 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def e2e_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+def e2e_image() -> Image:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tier needs {', '.join(missing)}: run tools/install-deps (as root)")
@@ -45,6 +63,11 @@ def e2e_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     _TIMINGS["image"] = (
         f"built in {time.monotonic() - started:.0f} s" if built else "cached"
     ) + f" ({image.dir})"
+    versions = image.package_versions()
+    _TIMINGS["image packages"] = (
+        ", ".join(f"{name} {versions[name]}" for name in KEY_PACKAGES if name in versions)
+        + f" (all in {image.packages})"
+    )
     return image
 
 

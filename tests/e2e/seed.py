@@ -29,7 +29,7 @@ GUESTS = {"mail": "cr_imap_encr", "web": "cr_web"}
 GUEST_VG = "vgmail"  # inside cr_imap_encr
 PV_DISK = "pv0"
 PV_DISK_SIZE = 2 * 1024**3  # sparse; LVs use 384 MiB of it, the rest is free extents for scenarios
-SEED_TIMEOUT = 600.0
+SEED_TIMEOUT = 1200.0
 
 
 class SeedHost:

@@ -38,8 +38,9 @@ HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
 QEMU = "qemu-system-x86_64"
 CONSOLE_TAIL = 40
+JOURNAL_TAIL = 30
 E2E_DISK_SIZE = "256M"
-DEFAULT_TIMEOUT = 240.0
+DEFAULT_TIMEOUT = 480.0  # generous: other VMs may share the 2 cores (seen: 5 at once)
 KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 mitigations=off"
 
 # Console text that means the boot cannot reach the scenario: stop at once instead of waiting for
@@ -231,11 +232,21 @@ def run_bounded(
                 return Outcome(None, elapsed, timed_out=True, marks=seen)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _stop(proc)
         # CPU seconds the VM used: a measure of its work that is less noisy than wall time on a
         # machine shared with other VMs.
         seen["cpu"] = round(_children_cpu() - cpu_before, 1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a VM we started: SIGTERM first (QEMU then closes its disk images cleanly, so the
+    guest's journal can still be read from them), SIGKILL to the process group if that is slow."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _children_cpu() -> float:
@@ -340,7 +351,7 @@ class Machine:
         timeout: float = DEFAULT_TIMEOUT,
         files: Mapping[str, FileData] | None = None,
         kernel_args: str = "",
-        boot_wait: float = 120.0,
+        boot_wait: float = 180.0,
         check: bool = True,
     ) -> BootResult:
         """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).
@@ -394,13 +405,82 @@ class Machine:
         self.boots.append(result)
         BOOT_LOG.append(result)
         if check and result.problem:
-            raise BootFailed(result.describe(), result)
+            message = result.describe()
+            if rc is None:
+                message += "\n" + self._journal_tail(boot_id)
+            raise BootFailed(message, result)
         return result
+
+    def _journal_tail(self, boot_id: str | None, entries: int = JOURNAL_TAIL) -> str:
+        """The end of a boot's journal read from the disk, for the failure message of a boot that
+        never reported back (the console shows only part of what happened)."""
+        try:
+            journal = self.read_journal()
+        except Exception as error:  # the message is the point here, not this detail
+            return f"(journal not readable from the disk: {error})"
+        if boot_id is None:  # the runner never started: the newest boot on the disk, if it is new
+            earlier = {boot.boot_id for boot in self.boots[:-1]}
+            boot_id = next((b for b in journal.boot_ids[-1:] if b not in earlier), None)
+            if boot_id is None:
+                return "(this boot wrote nothing to the journal on the disk)"
+        lines = [str(entry) for entry in journal.find(boot=boot_id)[-entries:]]
+        return (
+            f"--- journal of this boot, read from the disk, last {len(lines)} entries ---\n"
+            + "\n".join(lines)
+            + "\n--- end of journal ---"
+        )
 
     def collect(self, *, timeout: float = DEFAULT_TIMEOUT) -> BootResult:
         """A short boot that runs nothing: its result's journal includes the previous boot's
-        shutdown (each boot's journal is exported before that boot powers off)."""
+        shutdown (each boot's journal is exported before that boot powers off). read_journal()
+        gets the same without a boot."""
         return self.boot("true\n", timeout=timeout)
+
+    def read_journal(self) -> Journal:
+        """The journal of every boot so far, the last boot's shutdown included, read on the host
+        from the powered-off root disk (no boot): qemu-img convert, debugfs, journalctl."""
+        if not self.boots:
+            raise RuntimeError(f"machine {self.name!r} has not booted yet")
+        work = self.workdir / "journal-read"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            raw = work / "root.raw"
+            _check_call(
+                [
+                    "qemu-img",
+                    "convert",
+                    "-f",
+                    self.root.format,
+                    "-O",
+                    "raw",
+                    str(self.root.path),
+                    str(raw),
+                ]
+            )
+            _check_call(["debugfs", "-R", f"rdump /var/log/journal {work}", str(raw)])
+            raw.unlink()
+            directories = sorted((work / "journal").glob("*/"))
+            if not directories:
+                raise RuntimeError(f"no journal directory on the root disk of {self.name!r}")
+            exported = work.parent / "journal-offline.json"
+            with open(exported, "wb") as out:
+                subprocess.run(
+                    [
+                        "journalctl",
+                        f"--directory={directories[0]}",
+                        "-o",
+                        "json",
+                        "--all",
+                        "--no-pager",
+                    ],
+                    stdout=out,
+                    check=True,
+                    timeout=120,
+                )
+            return Journal.load(exported)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     @property
     def journal(self) -> Journal:

@@ -194,7 +194,7 @@ def test_executor_runs_fs_lv_and_partition_steps_with_checks_and_resumes(
     # resume: planning again from the state left skips everything done
     again = shrink.plan(shrink.read_layout(stack.where), 32 * EXT, backup_dir=str(backups))
     assert again.targets.partition_end == plan.targets.partition_end
-    left = [s.argv[0] for s in again.steps if s.check.kind not in {"file", "fsck"}]
+    left = [s.argv[0] for s in again.steps if s.check.kind not in shrink.BOOKKEEPING]
     assert left == [
         "pvmove", "pvresize", "cryptsetup", "sfdisk", "partx", "cryptsetup", "pvresize",
     ]  # fmt: skip
@@ -206,6 +206,28 @@ def test_executor_runs_fs_lv_and_partition_steps_with_checks_and_resumes(
     assert part.size_bytes == plan.targets.container_size
     with pytest.raises(shrink.PlanRefused, match="reaches beyond its container"):
         shrink.plan(shrink.read_layout(stack.where), 32 * EXT)
+
+
+def test_header_backup_step_holds_for_luks1(
+    tmp_path: Path, lvm_env: dict[str, str], loop_device: Attach, stacks: list[Stack]
+) -> None:
+    """Found in the VM: LUKS1's luksHeaderBackup ends at the last keyslot (4,040 sectors with a
+    512-bit key), short of the payload offset; a check on the file's size stopped every LUKS1 run
+    at step 1. The check reads the backup back as the container's header instead."""
+    stack = build_stack(tmp_path, lvm_env, loop_device, luks_version=1)
+    stacks.append(stack)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    plan = shrink.plan(shrink.read_layout(stack.where), 32 * EXT, backup_dir=str(backups))
+    header_step = plan.steps[0]
+    assert header_step.argv[:2] == ("cryptsetup", "luksHeaderBackup")
+    shrink.execute(dataclasses.replace(plan, steps=(header_step,)), stack.where)
+    backup = Path(header_step.check.subject)
+    assert 0 < backup.stat().st_size < cryptsetup.read_header(stack.where.container).data_offset
+    # a file that is not this container's header does not pass
+    backup.chmod(0o600)
+    backup.write_bytes(b"\0" * 4096)
+    assert shrink.measure(header_step.check, stack.where) == 0
 
 
 def test_a_check_that_does_not_hold_stops_the_run(

@@ -305,7 +305,7 @@ def test_a_resumed_plan_skips_what_is_done() -> None:
     resumed = shrink.plan(dataclasses.replace(layout, filesystem=fs, vg=vg), 60 * GiB)
     assert resumed.targets == full.targets
     assert resumed.moves == ()
-    assert [s.argv[0] for s in resumed.steps if s.check.kind not in {"file", "fsck"}] == [
+    assert [s.argv[0] for s in resumed.steps if s.check.kind not in shrink.BOOKKEEPING] == [
         "pvresize", "cryptsetup", "sfdisk", "partx", "cryptsetup", "pvresize",
     ]  # fmt: skip
     # Once everything has its final size there is nothing left to do.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import config, units
+from luksvm import apply, config, units
 from luksvm.errors import UsageError
 from tests.conftest import MIXED_CRYPTTAB, MIXED_SETTINGS, SEED_CRYPTTAB, write_config
 
@@ -237,3 +237,12 @@ def test_unit_names_for_other_modules() -> None:
     assert units.unlock_unit("cr-client-a") == "luksvm-unlock@cr\\x2dclient\\x2da.service"
     assert units.guest_unit("web") == "luksvm-guest@web.service"
     assert units.device_unit("/dev/volgrp4/lvimap_hd0") == "dev-volgrp4-lvimap_hd0.device"
+
+
+def test_unlock_units_lock_before_lvm_blkdeactivate_runs_at_shutdown() -> None:
+    # Stop order is the reverse of start order: After= here makes every lock finish before
+    # blk-availability.service's blkdeactivate starts taking block devices down (seen racing in
+    # the VM without it).
+    text = apply.shipped_templates()[units.UNLOCK_TEMPLATE]
+    after = [w for line in text.splitlines() if line.startswith("After=") for w in line[6:].split()]
+    assert "blk-availability.service" in after

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from luksvm import config, cryptsetup, lvm, unlock
+from luksvm import config, cryptsetup, lvm, systemctl, unlock
 from luksvm.config import Volume, parse_crypttab
 from luksvm.devmapper import DmDevice, parse_info, qemu_guest_name
 from luksvm.errors import LuksvmError
@@ -195,7 +195,7 @@ def test_guests_start_only_when_all_their_volumes_are_unlocked(tmp_path: Path) -
 
 def test_unit_states_come_in_the_order_asked() -> None:
     text = "ActiveState=active\n\nActiveState=inactive\n\nActiveState=failed\n"
-    assert unlock.parse_unit_states(["a.service", "b.service", "c.service"], text) == {
+    assert systemctl.parse_unit_states(["a.service", "b.service", "c.service"], text) == {
         "a.service": "active",
         "b.service": "inactive",
         "c.service": "failed",
@@ -419,3 +419,29 @@ def test_names_or_all_but_not_both(
 
     assert main(["--root", str(seed_root), *args]) == 64
     assert capsys.readouterr().err == "luksvm: name one or more volumes, or give --all\n"
+
+
+def test_a_mapping_closed_by_someone_else_during_the_lock_is_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the VM at shutdown: blk-availability's blkdeactivate closed cr_q2 between the lock
+    unit's probe and its `cryptsetup close`, which then failed with "Device cr_q2 is not active"."""
+    write_config(tmp_path, {"10.conf": IMAP + "\n"})
+    cfg = config.load(str(tmp_path))
+    open_names = {"cr_imap_encr"}
+
+    def closed_meanwhile(argv: tuple[str, ...], **kw: Any) -> None:
+        open_names.clear()
+        raise unlock.CommandError(argv, 4, "", "Device cr_imap_encr is not active.")
+
+    monkeypatch.setattr(unlock, "run", closed_meanwhile)
+    monkeypatch.setattr(unlock.devmapper, "names", lambda: set(open_names))
+    plan = lock_plan(cfg.volume("cr_imap_encr"), LockProbe((crypt("cr_imap_encr", "dm-3"),), ()))
+    monkeypatch.setattr(unlock, "_refuse_if_held", lambda volume: None)
+    unlock.execute(plan, cfg)  # no error
+
+    # still open after a failed close: a real failure
+    open_names.add("cr_imap_encr")
+    monkeypatch.setattr(unlock.devmapper, "names", lambda: {"cr_imap_encr"})
+    with pytest.raises(LuksvmError, match=r"^cannot lock cr_imap_encr: .*not active"):
+        unlock.execute(plan, cfg)

@@ -1,0 +1,37 @@
+"""Files that must survive a crash whole: written beside their final name, fsync'd, renamed."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync(path: str) -> None:
+    """Flush a file, or a directory's entries (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """Replace `path` with `text` so that a crash leaves the old or the new file, never a part.
+
+    The folder is created (mode 0700) when missing. The temporary name starts with a dot and ends
+    in .tmp, next to the final name.
+    """
+    directory, name = os.path.split(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    fsync(directory)

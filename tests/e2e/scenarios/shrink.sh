@@ -1,0 +1,137 @@
+# luksvm shrink on both stacks, with data (boot 1 of test_shrink.py; shrink-check.sh is boot 2).
+#
+# Stack A (host LV): volgrp4/lvimap_hd0 grown to 640 MiB → LUKS2 cr_imap_encr → vgmail: root
+#   grown to 320 MiB (PE 0-79), a 64 MiB gap, LV data 64 MiB (PE 96-111). Shrink root to 128 MiB:
+#   data must move down (pvmove), then PV, mapping and host LV shrink, mapping and PV grow back.
+#   The container is closed and configured in crypttab.d: luksvm opens it with its keyfile and
+#   closes it again.
+# Stack B (partition): disk pv1 → GPT partition 1 (sectors 2048-919551, 448 MiB) → LUKS1 with
+#   payload offset 4,104 sectors (2 MiB + 4 KiB: not a MiB multiple; cryptsetup 2.6 refuses to format the issue's 65,537, "Data offset is not multiple of 4096 bytes") → vgdata: home 256 MiB,
+#   a 32 MiB gap, srv 32 MiB. Shrink home to 128 MiB. The admin has it open and the VG active,
+#   which must stay so. The first run is killed between steps (after lvreduce, as the pvmove
+#   starts); the same command again resumes.
+# Files of known SHA-256 are written into every LV first; boot 2 checks them.
+
+fast_kdf=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
+
+# fill DIR MIB: MIB MiB of random files spread over 8 directories (ext4 puts top-level
+# directories in different block groups, so resize2fs has data to move), plus small files.
+fill() {
+    local dir=$1 mib=$2 d
+    for d in $(seq 1 8); do
+        mkdir -p "$dir/d$d"
+        head -c $((mib * 1024 * 1024 / 8)) /dev/urandom > "$dir/d$d/blob"
+        seq "$d" 1000 > "$dir/d$d/numbers"
+    done
+    (cd "$dir" && find . -type f ! -name 'lost+found' -print0 | sort -z | xargs -0 sha256sum) \
+        > "$dir.sha256"
+}
+
+facts() {  # facts NAME LV: what the planner reads, read with the tools themselves
+    local name=$1 lv=$2
+    dumpe2fs -h "$lv" 2> /dev/null > "$name.dumpe2fs"
+    resize2fs -P "$lv" 2> /dev/null > "$name.resize2fs-P"
+}
+
+# --- stack A: make the guest disk bigger, with a second LV behind a gap --------------------------
+install -d -m 0755 /etc/luksvm/crypttab.d
+cat > /etc/luksvm/crypttab.d/10-seed.conf <<'EOF'
+cr_imap_encr /dev/volgrp4/lvimap_hd0 /etc/luksvm/keys/imap.key luks,discard,x-luksvm.guest=mail
+EOF
+step a-grow-host-lv lvextend -q -L 640m volgrp4/lvimap_hd0
+step a-open cryptsetup open --key-file /etc/luksvm/keys/imap.key /dev/volgrp4/lvimap_hd0 cr_imap_encr
+udevadm settle
+step a-grow-pv pvresize -q /dev/mapper/cr_imap_encr
+vgchange -q -ay vgmail
+step a-grow-root lvextend -q -L 320m vgmail/root
+step a-grow-root-fs resize2fs /dev/vgmail/root
+lvcreate -q -y -n gap -L 64m vgmail
+lvcreate -q -y -n data -L 64m vgmail
+lvremove -q -y vgmail/gap
+mkfs.ext4 -q -L maildata /dev/vgmail/data
+mkdir -p /mnt/a-root /mnt/a-data
+mount /dev/vgmail/root /mnt/a-root
+mount /dev/vgmail/data /mnt/a-data
+step a-fill fill /mnt/a-root 40
+fill /mnt/a-data 8
+umount /mnt/a-root /mnt/a-data
+cp /mnt/a-root.sha256 a-root.sha256
+cp /mnt/a-data.sha256 a-data.sha256
+pvs --reportformat json --units b --nosuffix --segments \
+    -o pv_name,pe_start,pv_size,pv_pe_count,pvseg_start,pvseg_size,lv_name,seg_le_ranges \
+    --devices /dev/mapper/cr_imap_encr > a-segments-before.json
+facts a-root /dev/vgmail/root
+cryptsetup luksDump /dev/volgrp4/lvimap_hd0 > a-luksdump.txt
+vgchange -q -an vgmail
+step a-close cryptsetup close cr_imap_encr
+
+# --- stack B: partition → LUKS1 → vgdata -------------------------------------------------------
+disk=/dev/disk/by-id/virtio-pv1
+head -c 64 /dev/urandom > /etc/luksvm/keys/data.key
+chmod 0400 /etc/luksvm/keys/data.key
+step b-partition sh -c "printf 'label: gpt\nstart=2048, size=917504, type=linux\n' | sfdisk -q $disk"
+udevadm settle
+part=$(readlink -f "$disk-part1")
+step b-luksformat cryptsetup luksFormat -q --type luks1 --offset 4104 "${fast_kdf[@]}" \
+    --key-file /etc/luksvm/keys/data.key "$part"
+step b-open cryptsetup open --key-file /etc/luksvm/keys/data.key "$part" cr_data
+udevadm settle
+pvcreate -q /dev/mapper/cr_data
+vgcreate -q vgdata /dev/mapper/cr_data
+lvcreate -q -y -n home -L 256m vgdata
+lvcreate -q -y -n gap -L 32m vgdata
+lvcreate -q -y -n srv -L 32m vgdata
+lvremove -q -y vgdata/gap
+mkfs.ext4 -q -L home /dev/vgdata/home
+mkfs.ext4 -q -L srv /dev/vgdata/srv
+mkdir -p /mnt/b-home /mnt/b-srv
+mount /dev/vgdata/home /mnt/b-home
+mount /dev/vgdata/srv /mnt/b-srv
+step b-fill fill /mnt/b-home 32
+fill /mnt/b-srv 4
+umount /mnt/b-home /mnt/b-srv
+cp /mnt/b-home.sha256 b-home.sha256
+cp /mnt/b-srv.sha256 b-srv.sha256
+facts b-home /dev/vgdata/home
+cryptsetup luksDump "$part" > b-luksdump.txt
+
+# --- refusals ----------------------------------------------------------------------------------
+expect_fail below-minimum luksvm shrink plan --lv vgdata/home --to 8MiB
+expect_fail bare-size luksvm shrink plan --lv vgdata/home --to 60G
+
+# --- stack A: plan, then run ---------------------------------------------------------------------
+step a-plan-json luksvm shrink plan --lv vgmail/root --to 128MiB \
+    --device /dev/volgrp4/lvimap_hd0 --json > a-plan.json
+luksvm shrink plan --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 > a-plan.txt
+step a-run luksvm shrink run --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 \
+    --yes-i-have-a-backup > a-run.txt 2>&1 || { cat a-run.txt; exit 1; }
+cat a-run.txt
+# luksvm opened the container and activated vgmail: both must be gone again
+dmsetup ls --target crypt > a-crypt-after.txt
+lvs --reportformat json -o lv_name,lv_active vgmail > a-lvs-after.json 2> /dev/null || true
+
+# --- stack B: plan, a run killed between steps, the same command again -------------------------
+step b-plan-json luksvm shrink plan --lv vgdata/home --to 128MiB --json > b-plan.json
+luksvm shrink plan --lv vgdata/home --to 128MiB > b-plan.txt
+# The hook: a pvmove in front of PATH that kills luksvm (its parent) before moving anything, i.e.
+# right after the lvreduce step and its check. Not under /run: the initramfs mounts it noexec,
+# and Python then quietly runs the next pvmove in PATH.
+install -d /root/e2e-hook
+printf '#!/bin/sh\nkill -KILL "$PPID"\nexit 137\n' > /root/e2e-hook/pvmove
+chmod 0755 /root/e2e-hook/pvmove
+rc=0
+PATH=/root/e2e-hook:$PATH luksvm shrink run --lv vgdata/home --to 128MiB \
+    --yes-i-have-a-backup > b-run-killed.txt 2>&1 || rc=$?
+cat b-run-killed.txt
+result b-killed-rc "$rc"
+lvs --reportformat json --units b --nosuffix -o lv_name,lv_size vgdata > b-lvs-killed.json
+step b-plan-resume luksvm shrink plan --lv vgdata/home --to 128MiB --json > b-plan-resume.json
+step b-run-resume luksvm shrink run --lv vgdata/home --to 128MiB --yes-i-have-a-backup \
+    > b-run-resume.txt 2>&1 || { cat b-run-resume.txt; exit 1; }
+cat b-run-resume.txt
+step b-run-again luksvm shrink run --lv vgdata/home --to 128MiB --yes-i-have-a-backup \
+    > b-run-again.txt 2>&1 || { cat b-run-again.txt; exit 1; }
+# what the admin had open and active stays so
+dmsetup ls --target crypt > b-crypt-after.txt
+lvs --reportformat json -o lv_name,lv_active vgdata > b-lvs-after.json
+ls /var/lib/luksvm/shrink > backup-dirs.txt

@@ -134,25 +134,6 @@ def test_every_generated_file_has_the_header_and_its_source(tmp_path: Path) -> N
         assert "\nSourcePath=/etc/luksvm/" in text
 
 
-def unit_settings(path: Path) -> dict[str, list[str]]:
-    """A unit file's settings: name → every word of every line that sets it."""
-    found: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        name, equals, value = line.partition("=")
-        if equals and not line.startswith(("#", "[")):
-            found.setdefault(name, []).extend(value.split())
-    return found
-
-
-def test_unlock_units_lock_at_shutdown_before_lvms_blkdeactivate() -> None:
-    # Seen in the e2e VM: blk-availability.service, unordered, ran blkdeactivate at the start of
-    # the shutdown, deactivating the leaked guest VG while its guest still ran. Ordered After= it,
-    # the unlock units stop (lock) before it does.
-    unlock = unit_settings(Path("units") / units.UNLOCK_TEMPLATE)
-    assert "blk-availability.service" in unlock["After"]
-    assert "umount.target" in unlock["Conflicts"] and "umount.target" in unlock["Before"]
-
-
 def test_templates_are_rendered_with_the_running_luksvm() -> None:
     text = units.render_template(
         units.UNLOCK_TEMPLATE,

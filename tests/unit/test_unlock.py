@@ -310,6 +310,46 @@ def test_an_opener_not_found_is_counted_and_the_guests_suggested() -> None:
     )
 
 
+def test_only_unexplained_openers_make_a_refusal_transient() -> None:
+    unexplained = lock_plan(volume(IMAP), LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ()))
+    assert unexplained.refusal and unexplained.transient
+    users = {"dm-3": ('QEMU of guest "mail" (pid 812)',)}
+    qemu = lock_plan(volume(IMAP), LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users))
+    assert qemu.refusal and not qemu.transient
+
+
+def test_lock_waits_for_an_opener_no_process_explains(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in the VM at shutdown: spare's QEMU, SIGKILLed with its machine scope, still held
+    # cr_spare when the lock looked; a few seconds later the mapping was free.
+    probes = [
+        LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ()),
+        LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ()),
+        LockProbe((crypt("cr_imap_encr", "dm-3", 0),), ()),
+    ]
+    ran: list[str] = []
+    monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: probes.pop(0))
+    monkeypatch.setattr(unlock, "run", lambda argv, **kw: ran.append(argv[0]))
+    monkeypatch.setattr(unlock.time, "sleep", lambda seconds: None)
+    plan = unlock.settled_lock_plan(volume(IMAP))
+    assert plan.commands() == ["cryptsetup close cr_imap_encr"] and not plan.refusal
+    assert ran == ["udevadm", "udevadm"] and not probes
+
+
+def test_lock_never_waits_for_a_process_and_never_forces(monkeypatch: pytest.MonkeyPatch) -> None:
+    users = {"dm-3": ('QEMU of guest "mail" (pid 812)',)}
+    held = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users)
+    ran: list[str] = []
+    monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: held)
+    monkeypatch.setattr(unlock, "run", lambda argv, **kw: ran.append(argv[0]))
+    assert unlock.settled_lock_plan(volume(IMAP)).refusal and ran == []
+    gone_never = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ())
+    monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: gone_never)
+    monkeypatch.setattr(unlock.time, "sleep", lambda seconds: None)
+    plan = unlock.settled_lock_plan(volume(IMAP), wait=0.05)
+    assert "1 more opener(s) of dm-3 (cr_imap_encr) not found in /proc" in plan.refusal
+    assert not plan.steps and ran
+
+
 # --- the executor: secrets only ever on stdin ------------------------------------------------
 
 

@@ -795,7 +795,8 @@ class Progress:
 
     def __call__(self, text: str) -> None:
         fraction = qemuimg.progress_fraction(text)
-        if fraction is None:
+        # qemu-img repeats its last share (100 % at the end): nothing new, nothing printed
+        if fraction is None or fraction <= self.shown:
             return
         if not self.tty and fraction < 1 and fraction - self.shown < 0.1:
             return

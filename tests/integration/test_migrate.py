@@ -133,6 +133,7 @@ def test_progress_of_a_real_copy_reaches_all_bytes(tmp_path: Path) -> None:
     stream(qemuimg.convert_argv(str(source), "raw", str(mapping)), timeout=60,
            on_output=progress)  # fmt: skip
     assert lines[-1].startswith("  copied: 24.0 MiB of 24.0 MiB (100.0 %)")
+    assert len(lines) == len(set(lines)), lines
 
 
 @pytest.mark.parametrize("luks_type", ["luks1", "luks2"])

@@ -430,6 +430,8 @@ def test_progress_prints_every_tenth_when_not_on_a_terminal() -> None:
         progress(f"    ({percent:.2f}/100%)")
     assert len(lines) == 11
     assert lines[-1] == "  copied: 100.0 MiB of 100.0 MiB (100.0 %), 10.0 MiB/s"
+    progress("    (100.00/100%)")
+    assert len(lines) == 11, "the repeated final share printed again"
 
 
 def test_delete_hint_names_the_right_command() -> None:

@@ -708,8 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except LuksvmError as error:
-        for line in str(error).splitlines():
-            print(f"luksvm: {line}", file=sys.stderr)
+        if not error.logged:
+            for line in str(error).splitlines():
+                print(f"luksvm: {line}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("luksvm: interrupted", file=sys.stderr)

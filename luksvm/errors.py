@@ -12,6 +12,9 @@ class LuksvmError(Exception):
     """An expected failure: printed as one readable message, never as a traceback."""
 
     exit_code = EXIT_FAIL
+    # True once the message went out through the log (with its journal fields): the log reaches
+    # stderr or, in a unit, the journal that stderr would reach, so `main` does not print it again
+    logged = False
 
 
 class UsageError(LuksvmError):

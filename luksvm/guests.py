@@ -215,17 +215,13 @@ def start_guest(config: Config, name: str, conn: virt.Connection, *, delay: bool
         return False
     locked = [v for v in needed_volumes(config, name, domain.disks()) if not unlocked(config, v)]
     if locked:
-        log.error(
-            "guest %s not started: volume %s is locked",
-            name,
-            ", ".join(locked),
-            extra=journal.fields(guest=name, volume=locked[0], message_id="guest-start-refused"),
-        )
-        raise LuksvmError(
+        raise journal.logged_error(
             f"guest {name!r} not started: its volume{'s' if len(locked) > 1 else ''} "
             f"{', '.join(locked)} {'are' if len(locked) > 1 else 'is'} locked "
             f"(no {', '.join('/dev/mapper/' + v for v in locked)}); unlock first: "
-            f"luksvm unlock {' '.join(locked)}"
+            f"luksvm unlock {' '.join(locked)}",
+            journal.fields(guest=name, volume=locked[0], message_id="guest-start-refused"),
+            log,
         )
     log.info("starting guest %s", name, extra=fields)
     began = time.monotonic()
@@ -361,14 +357,15 @@ def _on_timeout(
             f"guest {name!r} still running after {waited}; on_timeout=fail leaves it running, "
             f"so its volumes refuse to lock; {HOST_SHUTDOWN_NOTE}"
         )
-        log.error("%s", message, extra=fields)
-        raise LuksvmError(message)
+        raise journal.logged_error(message, fields, log)
     if policy.on_timeout == "managedsave":
         refusal = save_dir_refusal(config)
         if refusal is not None:
-            message = f"guest {name!r} still running after {waited} and left running: {refusal}"
-            log.error("%s", message, extra=fields)
-            raise LuksvmError(message)
+            raise journal.logged_error(
+                f"guest {name!r} still running after {waited} and left running: {refusal}",
+                fields,
+                log,
+            )
         log.warning(
             "guest %s still running after %s; saving its state (managedsave)",
             name,

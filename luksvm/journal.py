@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 
+from luksvm.errors import LuksvmError
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # MESSAGE_IDs of key events (generated once with `systemd-id128 new`), so admins can
@@ -39,6 +41,15 @@ def fields(
     if message_id is not None:
         out["MESSAGE_ID"] = MESSAGE_IDS[message_id]
     return out
+
+
+def logged_error(message: str, extra: dict[str, str], logger: logging.Logger = log) -> LuksvmError:
+    """Log `message` as an error with its journal fields and return the error to raise: `main`
+    prints no second copy of it."""
+    logger.error("%s", message, extra=extra)
+    error = LuksvmError(message)
+    error.logged = True
+    return error
 
 
 class JournalHandler(logging.Handler):

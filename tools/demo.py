@@ -89,7 +89,7 @@ def _detail(entry: Entry, *names: str) -> str:
     "shut down after 3 s")."""
     text = entry.message
     for name in names:
-        for prefix in (f"guest {name} ", f"{name}: "):
+        for prefix in (f"guest {name} ", f"guest {name!r} ", f"{name}: "):
             if name and text.startswith(prefix):
                 return text[len(prefix) :]
     return text

@@ -24,16 +24,7 @@ luksvm config check
 cryptsetup open --key-file /etc/luksvm/keys/web.key /dev/volgrp4/lvweb_hd0 cr_web
 
 for g in "${guests[@]}"; do
-    cat > "/tmp/$g.xml" <<XML
-<domain type='qemu'>
-  <name>$g</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-</domain>
-XML
-    virsh -q -c $uri define "/tmp/$g.xml"
+    define_guest "$g" "" 32  # no disk: the volume only ties the guest to a unit
 done
 
 running() {

@@ -17,28 +17,9 @@ step luksformat-pass cryptsetup luksFormat -q "${fast_kdf[@]}" --key-file - \
     /dev/volgrp4/lvpass_hd0 < "$E2E_IN/passphrase"
 spare_uuid=$(cryptsetup luksUUID /dev/volgrp4/lvspare_hd0)
 
-# Guests like the seed's: no OS (they sit in SeaBIOS and ignore ACPI), 64 MiB, type qemu.
-for pair in spare:cr_spare pass:cr_pass; do
-    guest=${pair%%:*} mapping=${pair#*:}
-    cat > /tmp/$guest.xml <<XML
-<domain type='qemu'>
-  <name>$guest</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices>
-    <disk type='block' device='disk'>
-      <driver name='qemu' type='raw' cache='none' io='native'/>
-      <source dev='/dev/mapper/$mapping'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='pty'/>
-  </devices>
-</domain>
-XML
-    step "define-$guest" virsh -q -c qemu:///system define /tmp/$guest.xml
-done
+# Guests like the seed's (no OS, they ignore ACPI; see define_guest).
+define_guest spare "$(block_disk cr_spare)"
+define_guest pass "$(block_disk cr_pass)"
 # One guest with libvirt's autostart on: apply --take-over must clear it.
 virsh -q -c qemu:///system autostart mail
 

@@ -52,3 +52,35 @@ wait_until() {
         sleep 0.2
     done
 }
+
+# block_disk MAPPING [DRIVER_ATTRIBUTES]: the <disk> of a guest whose disk is /dev/mapper/MAPPING
+# (raw, cache=none, io=native, plus DRIVER_ATTRIBUTES such as "discard='unmap'").
+block_disk() {
+    cat <<XML
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='native'${2:+ $2}/>
+      <source dev='/dev/mapper/$1'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+XML
+}
+
+# define_guest NAME DEVICES [MEMORY_MIB]: define (as step define-NAME) a guest with no OS (it sits
+# in SeaBIOS and ignores ACPI), type qemu (no KVM in the VM), no graphics, a serial console and
+# DEVICES (XML text). Its XML stays in /tmp/NAME.xml.
+define_guest() {
+    cat > "/tmp/$1.xml" <<XML
+<domain type='qemu'>
+  <name>$1</name>
+  <memory unit='MiB'>${3:-64}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+$2
+    <serial type='pty'/>
+  </devices>
+</domain>
+XML
+    step "define-$1" virsh -q -c qemu:///system define "/tmp/$1.xml"
+}

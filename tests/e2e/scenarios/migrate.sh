@@ -31,14 +31,7 @@ qemu-img info --output=json -f qcow2 "$images/q2.qcow2" > q2-info.json
 for pair in plain:raw:52:54:00:e2:e0:01 q2:qcow2:52:54:00:e2:e0:02; do
     guest=${pair%%:*} rest=${pair#*:}
     format=${rest%%:*} mac=${rest#*:}
-    cat > /tmp/$guest.xml <<XML
-<domain type='qemu'>
-  <name>$guest</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices>
+    define_guest "$guest" "
     <disk type='file' device='disk'>
       <driver name='qemu' type='$format'/>
       <source file='$images/$guest.$format'/>
@@ -47,12 +40,7 @@ for pair in plain:raw:52:54:00:e2:e0:01 q2:qcow2:52:54:00:e2:e0:02; do
     <interface type='user'>
       <mac address='$mac'/>
       <model type='virtio'/>
-    </interface>
-    <serial type='pty'/>
-  </devices>
-</domain>
-XML
-    step "define-$guest" virsh -q -c $uri define /tmp/$guest.xml
+    </interface>"
     virsh -q -c $uri dumpxml --inactive --security-info "$guest" > "$guest.before.xml"
 done
 

@@ -39,28 +39,9 @@ step open-web cryptsetup open --key-file /etc/luksvm/keys/web.key /dev/volgrp4/l
 step web-partitions sh -c 'echo "type=83" | sfdisk -q /dev/mapper/cr_web'
 step close-web cryptsetup close cr_web
 
-# The guests: no OS (they sit in SeaBIOS), 64 MiB, type qemu (no KVM in the VM), no graphics.
-for pair in mail:cr_imap_encr web:cr_web; do
-    guest=${pair%%:*} mapping=${pair#*:}
-    cat > /tmp/$guest.xml <<XML
-<domain type='qemu'>
-  <name>$guest</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices>
-    <disk type='block' device='disk'>
-      <driver name='qemu' type='raw' cache='none' io='native' discard='unmap'/>
-      <source dev='/dev/mapper/$mapping'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='pty'/>
-  </devices>
-</domain>
-XML
-    step "define-$guest" virsh -q -c qemu:///system define /tmp/$guest.xml
-done
+# The guests (no OS, 64 MiB; see define_guest), each on its volume.
+define_guest mail "$(block_disk cr_imap_encr "discard='unmap'")"
+define_guest web "$(block_disk cr_web "discard='unmap'")"
 
 # Leave the host as a user would reboot it: no mapping open.
 test -z "$(dmsetup ls --target crypt | grep -v 'No devices found' || true)"

@@ -22,8 +22,7 @@ import pytest
 from .journal import Entry, Journal, assert_order
 from .vm import BootResult, Machine, note, scenario
 
-# Not yet green on main in a whole run: `make e2e-pending` runs it; `make test` not.
-pytestmark = [pytest.mark.e2e, pytest.mark.pending]
+pytestmark = pytest.mark.e2e
 
 HERE = scenario("boot-setup.sh").parents[1]
 STOP_TIMEOUT = 10.0  # [guests] stop_timeout in boot-setup.sh

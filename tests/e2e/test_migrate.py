@@ -11,9 +11,7 @@ import pytest
 
 from .vm import BootResult, Machine, note, scenario
 
-# Not yet green in a full run: written and debugged against device-mapper in the VM, but its last
-# whole pytest run had not finished when this landed. `make e2e-pending` runs it; `make test` not.
-pytestmark = [pytest.mark.e2e, pytest.mark.pending]
+pytestmark = pytest.mark.e2e
 
 MiB = 1024**2
 GUESTS = {"plain": ("raw", 256 * MiB), "q2": ("qcow2", 64 * MiB)}

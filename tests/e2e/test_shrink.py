@@ -15,9 +15,7 @@ import pytest
 
 from .vm import BootResult, Machine, note, scenario
 
-# Not yet green in a full run: written and debugged against device-mapper in the VM, but its last
-# whole pytest run had not finished when this landed. `make e2e-pending` runs it; `make test` not.
-pytestmark = [pytest.mark.e2e, pytest.mark.pending]
+pytestmark = pytest.mark.e2e
 
 MiB = 1024**2
 EXTENT = 4 * MiB  # LVM's default, in the host VG and in both guest VGs

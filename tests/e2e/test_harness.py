@@ -7,19 +7,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from . import settings
+from . import seed, settings
 from .image import Image
 from .project import REPO
+from .seed import SeedHost
 from .selftest.broken_scenario import MARKER
 from .vm import BootFailed, Machine
 
 pytestmark = pytest.mark.e2e
 
 FAKE_QEMU = """#!/bin/bash
-# Stands in for QEMU: writes console lines, then never exits by itself ($FAKE_MODE: hang or panic).
+# Stands in for QEMU: writes console lines, then never exits by itself ($FAKE_MODE: hang, panic,
+# lockup: a vCPU reported stuck for longer and longer, short-lockup: stuck once for 45 s).
 while [ $# -gt 0 ]; do
     case $1 in -serial) console=${2#file:}; shift ;; esac
     shift
@@ -27,6 +30,13 @@ done
 for i in $(seq 1 50); do echo "fake boot line $i" >> "$console"; done
 if [ "$FAKE_MODE" = panic ]; then
     echo "Kernel panic - not syncing: VFS: Unable to mount root fs" >> "$console"
+fi
+case $FAKE_MODE in lockup | short-lockup)
+    echo "watchdog: BUG: soft lockup - CPU#0 stuck for 45s! [qemu-system-x86:515]" >> "$console" ;;
+esac
+if [ "$FAKE_MODE" = lockup ]; then
+    sleep 0.5
+    echo "watchdog: BUG: soft lockup - CPU#0 stuck for 131s! [qemu-system-x86:515]" >> "$console"
 fi
 exec sleep 600
 """
@@ -53,6 +63,8 @@ def fake_machine(tmp_path: Path) -> Machine:
     [
         ("hang", "no scenario result within"),
         ("panic", "the console shows 'Kernel panic - not syncing'"),
+        ("lockup", "the console shows 'watchdog: BUG: soft lockup - CPU#0 stuck for 131s'"),
+        ("short-lockup", "no scenario result within"),  # a busy host: not yet a hang
     ],
 )
 def test_hung_or_panicked_vm_is_stopped_with_console_tail(
@@ -68,6 +80,32 @@ def test_hung_or_panicked_vm_is_stopped_with_console_tail(
     assert "fake boot line 50" in message
     assert "fake boot line 10\n" not in message  # only the last 40 lines
     assert failure.value.result.rc is None
+    assert failure.value.result.hung == (mode == "lockup")
+
+
+def test_a_hung_seed_boot_is_built_once_more_then_fails(
+    fake_machine: Machine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "lockup")
+    monkeypatch.setattr(
+        seed, "SEED_TIMEOUT", 20
+    )  # were the lockup missed: fail soon, not in 40 min
+    fresh = Machine.fresh.__func__  # type: ignore[attr-defined]
+
+    def fresh_fake(cls: type[Machine], *args: Any, **kwargs: Any) -> Machine:
+        machine: Machine = fresh(cls, *args, **kwargs)
+        machine.qemu = fake_machine.qemu
+        return machine
+
+    monkeypatch.setattr(Machine, "fresh", classmethod(fresh_fake))
+    wheel = tmp_path / "luksvm-0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    with pytest.raises(BootFailed) as failure:
+        SeedHost.build(fake_machine.image, wheel, tmp_path / "seed")
+    assert failure.value.result.hung
+    consoles = {str(p.relative_to(tmp_path)) for p in tmp_path.glob("seed*/boot-*/console.log")}
+    assert consoles == {"seed/boot-1/console.log", "seed-again/boot-1/console.log"}
+    assert not (tmp_path / "seed" / "root.qcow2").exists(), "the hung seed's disks were kept"
 
 
 def test_failed_boot_reports_console(machine: Machine) -> None:

@@ -9,6 +9,11 @@ tests/e2e/test_unlock.py). Each round, each side first in turn:
                                     and cryptsetup open --key-file KEY DEV VOLUME
   luksvm lock --from-unit VOLUME    vs  cryptsetup close VOLUME
 
+With --guest GUEST (a guest of VOLUME that ignores ACPI, with [guests] stop_timeout = --wait):
+
+  luksvm guest start GUEST          vs  libvirt-python: lookupByName(GUEST).create()
+  luksvm guest stop GUEST           vs  libvirt-python: shutdown(), poll until --wait, destroy()
+
 Prints the median wall time of each, and luksvm's overhead over the tool it delegates to.
 """
 
@@ -36,12 +41,59 @@ def timed(argv: list[str]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+# What luksvm guest start/stop do, written directly against libvirt-python: the bare side.
+LIBVIRT_START = """
+import libvirt, sys
+libvirt.open("qemu:///system").lookupByName(sys.argv[1]).create()
+"""
+LIBVIRT_STOP = """
+import libvirt, sys, time
+domain = libvirt.open("qemu:///system").lookupByName(sys.argv[1])
+domain.shutdown()
+end = time.monotonic() + float(sys.argv[2])
+while domain.isActive() and time.monotonic() < end:
+    time.sleep(0.5)
+if domain.isActive():
+    domain.destroy()
+"""
+
+
+def guest_running(guest: str) -> bool:
+    out = subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", "domstate", guest],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.strip() == "running"
+
+
+def guest_round(
+    label: str, argv: list[str], opener: list[str], closer: list[str], guest: str
+) -> float:
+    """Time one guest start or stop with its volume open; leave the guest off and the volume
+    closed, as every other round finds them."""
+    subprocess.run(opener, check=True, capture_output=True)
+    if label.startswith("guest stop"):
+        subprocess.run([sys.executable, "-c", LIBVIRT_START, guest], check=True)
+    ms = timed(argv)
+    if guest_running(guest) != label.startswith("guest start"):
+        raise SystemExit(f"{label}: {argv[0]} left {guest} in the wrong state")
+    if label.startswith("guest start"):
+        subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", guest], check=True,
+                       capture_output=True)  # fmt: skip
+    subprocess.run(closer, check=True, capture_output=True)
+    return ms
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volume", required=True)
     parser.add_argument("--device", required=True, help="the volume's LUKS device")
     parser.add_argument("--key", required=True, help="the volume's keyfile")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--guest", help="also time guest start/stop of this guest of VOLUME")
+    parser.add_argument("--wait", type=float, default=1.0, help="its stop_timeout, in seconds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     installed = shutil.which("luksvm")
@@ -61,10 +113,25 @@ def main() -> int:
             [*luksvm, "lock", "--from-unit", name],
             ["cryptsetup", "close", name],
         ),
+        **(
+            {
+                "guest start: luksvm vs libvirt-python": (
+                    [*luksvm, "guest", "start", args.guest],
+                    [sys.executable, "-c", LIBVIRT_START, args.guest],
+                ),
+                "guest stop: luksvm vs libvirt-python": (
+                    [*luksvm, "guest", "stop", args.guest],
+                    [sys.executable, "-c", LIBVIRT_STOP, args.guest, str(args.wait)],
+                ),
+            }
+            if args.guest
+            else {}
+        ),
         # for scale: what starting the interpreter alone costs on this machine
         "python3 -c pass vs true": ([sys.executable, "-c", "pass"], ["true"]),
     }
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in pairs}
+    guest = args.guest or ""
     opener = [attach, "attach", name, device, key, "luks,headless=true,tries=1"]
     closer = ["cryptsetup", "close", name]
     for round_ in range(args.rounds):
@@ -78,6 +145,8 @@ def main() -> int:
                 elif label.startswith("unlock"):
                     samples[label][side].append(timed(argv))
                     subprocess.run(closer, check=True, capture_output=True)
+                elif label.startswith("guest"):
+                    samples[label][side].append(guest_round(label, argv, opener, closer, guest))
                 else:
                     samples[label][side].append(timed(argv))
     report = {

@@ -73,13 +73,14 @@ def guest_round(
 ) -> float:
     """Time one guest start or stop with its volume open; leave the guest off and the volume
     closed, as every other round finds them."""
+    starting = label.startswith("guest start")
     subprocess.run(opener, check=True, capture_output=True)
-    if label.startswith("guest stop"):
+    if not starting:
         subprocess.run([sys.executable, "-c", LIBVIRT_START, guest], check=True)
     ms = timed(argv)
-    if guest_running(guest) != label.startswith("guest start"):
+    if guest_running(guest) != starting:
         raise SystemExit(f"{label}: {argv[0]} left {guest} in the wrong state")
-    if label.startswith("guest start"):
+    if starting:
         subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", guest], check=True,
                        capture_output=True)  # fmt: skip
     subprocess.run(closer, check=True, capture_output=True)

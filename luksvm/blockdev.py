@@ -386,20 +386,22 @@ def stable_alias(names: list[str]) -> str | None:
 
 def backing_of_device(path: str, sys: str = "/sys", proc: str = "/proc") -> Backing:
     """Where the block device at `path` lies (dm-crypt anywhere in every path down → encrypted)."""
-    try:
-        rdev = os.stat(path).st_rdev
-    except OSError as error:
-        return Backing(None, False, f"{path}: {error.strerror}")
-    return backing_of_devnum(os.major(rdev), os.minor(rdev), sys, proc)
+    return _backing_of_stat(path, "st_rdev", sys, proc)
 
 
 def backing_of_file(path: str, sys: str = "/sys", proc: str = "/proc") -> Backing:
     """Where the filesystem holding `path` lies."""
+    return _backing_of_stat(path, "st_dev", sys, proc)
+
+
+def _backing_of_stat(path: str, field: str, sys: str, proc: str) -> Backing:
+    """Backing of the device number in `os.stat(path).<field>` (st_rdev: the device itself,
+    st_dev: the filesystem the file is on)."""
     try:
-        device = os.stat(path).st_dev
+        number: int = getattr(os.stat(path), field)
     except OSError as error:
         return Backing(None, False, f"{path}: {error.strerror}")
-    return backing_of_devnum(os.major(device), os.minor(device), sys, proc)
+    return backing_of_devnum(os.major(number), os.minor(number), sys, proc)
 
 
 def backing_of_devnum(major: int, minor: int, sys: str = "/sys", proc: str = "/proc") -> Backing:

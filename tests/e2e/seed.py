@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .image import Image
-from .vm import Machine, note, scenario
+from .vm import BootResult, Machine, note, scenario
 
 VG = "volgrp4"
 VOLUMES = {"cr_imap_encr": "lvimap_hd0", "cr_web": "lvweb_hd0"}
@@ -42,20 +42,21 @@ class SeedHost:
     @classmethod
     def build(cls, image: Image, wheel: Path, workdir: Path) -> SeedHost:
         started = time.monotonic()
-        machine = Machine.fresh(image, workdir, name="seed", data_disks={PV_DISK: PV_DISK_SIZE})
-        result = machine.boot(
-            scenario("seed.sh"), files={wheel.name: wheel}, timeout=SEED_TIMEOUT, check=False
-        )
+
+        def seed_boot(folder: Path) -> tuple[Machine, BootResult]:
+            machine = Machine.fresh(image, folder, name="seed", data_disks={PV_DISK: PV_DISK_SIZE})
+            files = {wheel.name: wheel}
+            return machine, machine.boot(
+                scenario("seed.sh"), files=files, timeout=SEED_TIMEOUT, check=False
+            )
+
+        machine, result = seed_boot(workdir)
         if result.hung:
             # Once, a fresh seed: every test stands on it, and a hung vCPU is QEMU's fault. The
             # hung boot's console and journal stay in `workdir` for a look.
             note("seed boot hung, built again", f"{result.problem} ({result.dir})")
             machine.discard()
-            retry = workdir.with_name(workdir.name + "-again")
-            machine = Machine.fresh(image, retry, name="seed", data_disks={PV_DISK: PV_DISK_SIZE})
-            result = machine.boot(
-                scenario("seed.sh"), files={wheel.name: wheel}, timeout=SEED_TIMEOUT, check=False
-            )
+            machine, result = seed_boot(workdir.with_name(workdir.name + "-again"))
         machine.check(result)
         info = result.json("seed.json")
         missing = sorted(set(GUESTS) - set(info["domains"]))

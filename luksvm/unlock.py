@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from luksvm import cryptsetup, devmapper, journal, keys, lvm
+from luksvm import blockdev, cryptsetup, devmapper, journal, keys, lvm
 from luksvm.config import GENERATOR_OPTIONS, Config, Volume
 from luksvm.devmapper import DmDevice
 from luksvm.errors import LuksvmError
@@ -370,11 +370,7 @@ def settled_lock_plan(
     )
     end = time.monotonic() + wait
     while plan.transient and time.monotonic() < end:
-        run(
-            ("udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"),
-            timeout=SETTLE_TIMEOUT + 5,
-            check=False,
-        )
+        blockdev.settle()
         time.sleep(0.5)
         plan = lock_plan(volume, probe_lock(volume, with_lvm=with_lvm))
     return plan

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from luksvm import config, cryptsetup, lvm, systemctl, unlock
+from luksvm import blockdev, config, cryptsetup, lvm, systemctl, unlock
 from luksvm.config import Volume, parse_crypttab
 from luksvm.devmapper import DmDevice, parse_info, qemu_guest_name
 from luksvm.errors import LuksvmError
@@ -328,7 +328,7 @@ def test_lock_waits_for_an_opener_no_process_explains(monkeypatch: pytest.Monkey
     ]
     ran: list[str] = []
     monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: probes.pop(0))
-    monkeypatch.setattr(unlock, "run", lambda argv, **kw: ran.append(argv[0]))
+    monkeypatch.setattr(blockdev, "run", lambda argv, **kw: ran.append(argv[0]))
     monkeypatch.setattr(unlock.time, "sleep", lambda seconds: None)
     plan = unlock.settled_lock_plan(volume(IMAP))
     assert plan.commands() == ["cryptsetup close cr_imap_encr"] and not plan.refusal
@@ -340,7 +340,7 @@ def test_lock_never_waits_for_a_process_and_never_forces(monkeypatch: pytest.Mon
     held = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users)
     ran: list[str] = []
     monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: held)
-    monkeypatch.setattr(unlock, "run", lambda argv, **kw: ran.append(argv[0]))
+    monkeypatch.setattr(blockdev, "run", lambda argv, **kw: ran.append(argv[0]))
     assert unlock.settled_lock_plan(volume(IMAP)).refusal and ran == []
     gone_never = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ())
     monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: gone_never)

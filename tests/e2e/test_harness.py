@@ -81,6 +81,15 @@ def test_hung_or_panicked_vm_is_stopped_with_console_tail(
     assert "fake boot line 10\n" not in message  # only the last 40 lines
     assert failure.value.result.rc is None
     assert failure.value.result.hung == (mode == "lockup")
+    # a hung boot, and only that, ran once more from the disks as they were before it
+    assert (fake_machine.workdir / "boot-1-hung" / "console.log").exists() == (mode == "lockup")
+    snapshots = subprocess.run(
+        ["qemu-img", "snapshot", "-l", str(fake_machine.root.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "before-boot" not in snapshots.stdout, snapshots.stdout
 
 
 def test_a_hung_seed_boot_is_built_once_more_then_fails(

@@ -375,6 +375,7 @@ class Machine:
         kernel_args: str = "",
         boot_wait: float = 180.0,
         check: bool = True,
+        again_if_hung: bool = True,
     ) -> BootResult:
         """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).
 
@@ -383,6 +384,8 @@ class Machine:
         when the boot has finished (`systemctl is-system-running --wait`), or after `boot_wait`
         seconds (scaled; 0: at once), whichever comes first; `result.system_state` says which.
         With check=True (the default) anything but a clean run with rc 0 raises BootFailed.
+        A boot whose vCPU hung (BootResult.hung: QEMU's fault, not the scenario's) is run once
+        more from the disks as they were before it, when they are all qcow2 (clones are).
         """
         # A failing test's traceback shows the test's line and BootFailed's message, not this frame.
         __tracebackhide__ = operator.methodcaller("errisinstance", BootFailed)
@@ -393,6 +396,11 @@ class Machine:
         if bdir.exists():
             shutil.rmtree(bdir)
         bdir.mkdir(parents=True)
+        snapshot = f"before-boot-{index}" if again_if_hung else ""
+        if snapshot and all(d.format == "qcow2" for d in (self.root, *self.disks)):
+            self._snapshots("-c", snapshot)
+        else:
+            snapshot = ""
         inputs = {"boot": f"{index}\n", "boot-wait": f"{int(settings.scaled(boot_wait))}\n"}
         e2e_img = self._write_e2e_disk(bdir, inputs, script, files or {})
         console = bdir / "console.log"
@@ -424,11 +432,34 @@ class Machine:
             problem=_problem(outcome, rc, effective, bdir),
             timings=outcome.marks,
         )
-        self.boots.append(result)
         BOOT_LOG.append(result)
+        if snapshot and result.hung:
+            self._snapshots("-a", snapshot)
+            self._snapshots("-d", snapshot)
+            hung_dir = bdir.with_name(bdir.name + "-hung")
+            shutil.rmtree(hung_dir, ignore_errors=True)
+            bdir.rename(hung_dir)
+            note(f"{self.name} boot {index} hung, booted again", f"{result.problem} ({hung_dir})")
+            return self.boot(
+                script,
+                timeout=timeout,
+                files=files,
+                kernel_args=kernel_args,
+                boot_wait=boot_wait,
+                check=check,
+                again_if_hung=False,
+            )
+        if snapshot:
+            self._snapshots("-d", snapshot)
+        self.boots.append(result)
         if check:
             self.check(result)
         return result
+
+    def _snapshots(self, action: str, name: str) -> None:
+        """qemu-img snapshot ACTION (-c create, -a apply, -d delete) NAME on every disk."""
+        for disk in (self.root, *self.disks):
+            _check_call(["qemu-img", "snapshot", action, name, str(disk.path)])
 
     def check(self, result: BootResult) -> None:
         """Raise BootFailed for a failed boot of this machine (with its journal's tail when the

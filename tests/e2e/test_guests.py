@@ -35,7 +35,9 @@ def test_gating_parallel_stop_and_policies(host: Machine) -> None:
             r"destroying it \(on_timeout=destroy\)", boot=result.boot_id, LUKSVM_GUEST=guest
         )
         waits[guest] = (asked.monotonic / 1e6, destroyed.monotonic / 1e6)
-        assert 10 <= waits[guest][1] - waits[guest][0] < 13, waits
+        # journald stamps each entry when it receives it, so the two stamps may lie a little
+        # closer than the wait itself (seen: 9.989 s for a 10 s wait)
+        assert 9.5 <= waits[guest][1] - waits[guest][0] < 13, waits
     assert max(a for a, _ in waits.values()) < min(d for _, d in waits.values()), (
         f"the waits did not overlap: not in parallel {waits}"
     )

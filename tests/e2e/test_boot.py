@@ -172,7 +172,8 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
         assert asked.monotonic > end.monotonic, f"{guest}: not stopped at shutdown\n{text}"
         waits[guest] = (seconds(asked), seconds(destroyed))
         # (each poll is a libvirt call: under emulation on a busy machine they take seconds)
-        assert STOP_TIMEOUT <= waits[guest][1] - waits[guest][0] < STOP_TIMEOUT + 8, waits
+        # journald's receive stamps may lie a little closer than the wait (test_guests saw 9.989 s)
+        assert STOP_TIMEOUT - 0.5 <= waits[guest][1] - waits[guest][0] < STOP_TIMEOUT + 8, waits
         # luksvm destroyed it, systemd never had to kill it: its scope went after the destroy
         scope = scope_entries(journal, guest, boot)
         assert scope, f"no entries about {guest}'s machine scope\n{text}"

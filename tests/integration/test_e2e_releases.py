@@ -1,5 +1,5 @@
-"""The e2e tier's release parameter, without booting anything (pytest's own collection): which tests collect on which
-Debian release, and where a release's packages come from."""
+"""The e2e tier's release parameter, without booting anything: which tests pytest collects on
+which Debian release, and where a release's packages come from."""
 
 from __future__ import annotations
 

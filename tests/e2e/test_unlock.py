@@ -10,7 +10,7 @@ import pytest
 
 vm = pytest.importorskip("tests.e2e.vm", reason="the e2e harness (branch e2e-harness) is not here")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.stack]
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

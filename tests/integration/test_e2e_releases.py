@@ -29,7 +29,7 @@ def test_stack_tests_run_on_every_release_the_rest_on_bookworm_only() -> None:
     both = collected("bookworm,trixie")
     trixie = [t for t in both if t.endswith("[trixie]")]
     bookworm = [t for t in both if t.endswith("[bookworm]")]
-    stack = {"test_boot", "test_guests", "test_unlock", "test_guest_vg_leak", "test_doctor"}
+    stack = {"test_boot", "test_guests", "test_guest_vg_leak", "test_doctor"}
     assert {t.split("::")[0].removeprefix("tests/e2e/").removesuffix(".py") for t in trixie} == (
         stack | {"test_libvirt_auto_shutdown"}
     )

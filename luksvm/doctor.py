@@ -910,6 +910,7 @@ def guests_in_libvirt(host: Host) -> Iterator[Finding]:
                 fix=f"luksvm apply --take-over   (or virsh autostart --disable {guest.name})",
             )
     yield _libvirt_guests(host)
+    yield from _libvirt_guests_on_boot(host)
 
 
 def _guest_disks(
@@ -981,6 +982,26 @@ def _libvirt_guests(host: Host) -> Finding:
         "a guest luksvm could not stop leaves its decrypted memory on disk",
         fix=f"set ON_SHUTDOWN=shutdown in {where} (luksvm stops its guests before "
         "libvirt-guests runs)",
+    )
+
+
+def _libvirt_guests_on_boot(host: Host) -> Iterator[Finding]:
+    """libvirt-guests with ON_BOOT=start (its default) starts at boot the guests it found running
+    at the last shutdown: a luksvm guest left running then (on_timeout=fail) is started outside
+    its unit, before it, whether or not its volumes are unlocked."""
+    if host.unit_files().get("libvirt-guests.service") not in ("enabled", "enabled-runtime"):
+        return
+    path, settings = guests.libvirt_guests_settings(host.config)
+    if settings.get("ON_BOOT") != "start":
+        return
+    where = path or "/etc/default/libvirt-guests"
+    yield Finding.warn(
+        "libvirt-guests ON_BOOT",
+        f"libvirt-guests.service starts at boot the guests it found running at the last shutdown "
+        f"(ON_BOOT=start{'' if path else ', its default'}): a luksvm guest still running then "
+        "(on_timeout=fail) is started by libvirt-guests, not by its unit, whether or not its "
+        "volumes are unlocked",
+        fix=f"set ON_BOOT=ignore in {where} (luksvm starts its guests after their volumes)",
     )
 
 

@@ -496,3 +496,32 @@ def test_no_guests_no_judgement(tmp_path: Path) -> None:
     root = write_config(tmp_path / "root", {"10.conf": "cr_a /dev/x - luks\n"})
     (finding,) = shutdown_findings(root)
     assert finding.status == "SKIP"
+
+
+def test_libvirt_guests_starting_guests_at_boot_is_a_warning(tmp_path: Path) -> None:
+    from tests.integration.test_guests import domain_xml
+
+    root = qemu_conf_root(tmp_path, QEMU_CONF_11, libvirt_guests=True)
+    node = root / "node.xml"
+    node.write_text("<node>" + domain_xml("mail", ["/dev/mapper/cr_a"]) + "</node>")
+    write_config(
+        root,
+        {"10.conf": "cr_a /dev/x - luks,x-luksvm.guest=mail\n"},
+        f"[libvirt]\nuri = test://{node}\n",
+    )
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/libvirt-guests").write_text("ON_BOOT=start\nON_SHUTDOWN=shutdown\n")
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["guests"]))
+    assert by(findings, "mail").status == OK
+    on_boot = by(findings, "libvirt-guests ON_BOOT")
+    assert on_boot.status == WARN
+    assert "(ON_BOOT=start): a luksvm guest still running then (on_timeout=fail)" in (
+        on_boot.message
+    )
+    assert on_boot.fix == (
+        "set ON_BOOT=ignore in /etc/default/libvirt-guests (luksvm starts its guests after their "
+        "volumes)"
+    )
+    (root / "etc/default/libvirt-guests").write_text("ON_BOOT=ignore\nON_SHUTDOWN=shutdown\n")
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["guests"]))
+    assert not [f for f in findings if f.subject == "libvirt-guests ON_BOOT"]

@@ -780,32 +780,39 @@ def describe(plan_: Plan) -> dict[str, object]:
             {"layer": r.layer, "device": r.device, "before": r.before, "after": r.after}
             for r in plan_.layers
         ],
-        "steps": [
-            {
-                "number": s.number,
-                "title": s.title,
-                "argv": list(s.argv),
-                "command": shlex.join(s.argv),
-                "stdin": "LUKS key" if s.needs_key else s.stdin,
-                "always": s.always,
-                "sizes": list(s.sizes),
-                "check": {
-                    "kind": s.check.kind,
-                    "subject": s.check.subject,
-                    "expected": s.check.expected,
-                    "args": list(s.check.args),
-                    "text": s.check.text,
-                },
-            }
-            for s in plan_.steps
-        ],
+        "steps": [describe_step(s) for s in plan_.steps],
         "notes": list(plan_.notes),
     }
 
 
+def describe_step(s: Step) -> dict[str, object]:
+    """One step as JSON-ready data; a libvirt call also names its guest, disk and bytes."""
+    shown: dict[str, object] = {
+        "number": s.number,
+        "title": s.title,
+        "argv": list(s.argv),
+        "command": shlex.join(s.argv),
+        "stdin": "LUKS key" if s.needs_key else s.stdin,
+        "always": s.always,
+        "sizes": list(s.sizes),
+        "check": {
+            "kind": s.check.kind,
+            "subject": s.check.subject,
+            "expected": s.check.expected,
+            "args": list(s.check.args),
+            "text": s.check.text,
+        },
+    }
+    if s.call is not None:
+        shown["libvirt"] = {"guest": s.call[0], "disk": s.call[1], "bytes": s.call[2]}
+    return shown
+
+
 def command_line(step: Step) -> str:
     line = shlex.join(step.argv)
-    if step.needs_key:
+    if step.action == "libvirt-block-resize":
+        line += "   # through libvirt-python, with VIR_DOMAIN_BLOCK_RESIZE_BYTES"
+    elif step.needs_key:
         line += "   # key on stdin"
     elif step.stdin:
         line = f"echo {shlex.quote(step.stdin.strip())} | {line}"

@@ -834,13 +834,6 @@ def read_guest_disk(
             "the disk under every one of them, and only one can be told of the new size; luksvm "
             "refuses. Detach it from all but one, then grow"
         )
-    lv = shrink.host_lv_of(volume.device)
-    if lv is None:
-        raise GrowRefused(
-            f"volume {volume.name} lies on {volume.device}, not on an LV of the host; grow GUEST "
-            "grows host LVs (for a partition use luksvm grow --lv VG/LV)"
-        )
-    host = shrink.read_host_lv(volume.device, *lv)
     mapping = blockdev.crypt_mapping_on(volume.device)
     running = domain.is_running()
     if running and not mapping:
@@ -853,6 +846,13 @@ def read_guest_disk(
             f"{volume.device} is open as {mapping}, not as {volume.name}; close it and open "
             f"it as {volume.name} (luksvm unlock {volume.name})"
         )
+    lv = shrink.host_lv_of(volume.device)
+    if lv is None:
+        raise GrowRefused(
+            f"volume {volume.name} lies on {volume.device}, not on an LV of the host; grow GUEST "
+            "grows host LVs (for a partition use luksvm grow --lv VG/LV)"
+        )
+    host = shrink.read_host_lv(volume.device, *lv)
     free = lvm.report("vgs", ["vg_free_count"], [host.vg])
     disk_info = GuestDisk(
         guest=guest,

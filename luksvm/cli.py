@@ -685,7 +685,7 @@ def build_parser() -> Parser:
     grow_parser = commands.add_parser(
         "grow",
         help="grow a guest's disk while it runs, or an LV and every layer below it",
-        description="grow GUEST: host LV (whole extents) → LUKS mapping (512-byte sectors) → the "
+        description="grow GUEST: host LV (whole extents) -> LUKS mapping (512-byte sectors) -> the "
         "running QEMU (bytes), then the steps inside the guest. grow --lv VG/LV: LV and ext4, "
         "and the PV, mapping and partition or host LV below when the VG lacks free extents. "
         "Interrupted, the same command resumes.",
@@ -699,7 +699,7 @@ def build_parser() -> Parser:
         help="with --lv: the LUKS container or its open mapping (default: from the VG's PV)",
     )
     size_group = grow_parser.add_mutually_exclusive_group()
-    size_group.add_argument("--by", metavar="SIZE", help="add SIZE (with its unit: 10GiB, 2560e …)")
+    size_group.add_argument("--by", metavar="SIZE", help="add SIZE (with its unit: 10GiB, 2560e...)")
     size_group.add_argument(
         "--to",
         metavar="SIZE",

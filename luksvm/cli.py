@@ -699,7 +699,9 @@ def build_parser() -> Parser:
         help="with --lv: the LUKS container or its open mapping (default: from the VG's PV)",
     )
     size_group = grow_parser.add_mutually_exclusive_group()
-    size_group.add_argument("--by", metavar="SIZE", help="add SIZE (with its unit: 10GiB, 2560e...)")
+    size_group.add_argument(
+        "--by", metavar="SIZE", help="add SIZE (with its unit: 10GiB, 2560e...)"
+    )
     size_group.add_argument(
         "--to",
         metavar="SIZE",

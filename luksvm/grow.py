@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import base64
 import datetime
-import getpass
 import json
 import logging
 import os
 import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -54,7 +52,7 @@ class GrowRefused(LuksvmError):
     """The disk or the requested size cannot be grown safely; nothing was changed."""
 
 
-# --- arguments (checked before anything on the host is read) -------------------------------------
+# --- arguments (checked before anything on the host is read) --------------------------------------
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def split_lv(text: str) -> tuple[str, str]:
     return shrink.split_lv(text)
 
 
-# --- a guest's disk: host LV → LUKS → the running QEMU -------------------------------------------
+# --- a guest's disk: host LV → LUKS → the running QEMU --------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -284,7 +282,7 @@ def block_resize_step(disk: GuestDisk, size: int) -> Step:
     )
 
 
-# --- inside the guest: the layout its agent reports, and the steps for it -----------------------
+# --- inside the guest: the layout its agent reports, and the steps for it -------------------------
 
 GROWABLE_FS = {"ext2", "ext3", "ext4", "xfs"}
 
@@ -345,8 +343,11 @@ def plan_inside(
         if not lv:
             notes.append(f"{lvs[0]['alias']} on {device} is not an LVM LV: stopping here")
             return Inside("agent", tuple(steps), tuple(notes))
-        steps.append(InsideStep(("lvextend", "-l", "+100%FREE", f"{vg}/{lv}"),
-                                f"LV {vg}/{lv} takes the new extents"))  # fmt: skip
+        steps.append(
+            InsideStep(
+                ("lvextend", "-l", "+100%FREE", f"{vg}/{lv}"), f"LV {vg}/{lv} takes the new extents"
+            )
+        )
         device = str(lvs[0]["name"])
     fs = fs_names.get(os.path.basename(device))
     if fs is None:
@@ -355,8 +356,12 @@ def plan_inside(
         why = f"{fs['type']} on {fs.get('mountpoint')} grows online"
         steps.append(InsideStep(("resize2fs", device), why))
     elif fs.get("type") == "xfs":
-        steps.append(InsideStep(("xfs_growfs", str(fs.get("mountpoint"))),
-                                f"xfs on {fs.get('mountpoint')} grows online"))  # fmt: skip
+        steps.append(
+            InsideStep(
+                ("xfs_growfs", str(fs.get("mountpoint"))),
+                f"xfs on {fs.get('mountpoint')} grows online",
+            )
+        )
     else:
         notes.append(f"{fs.get('type')} on {fs.get('mountpoint')}: luksvm knows no online grow")
     return Inside("agent", tuple(steps), tuple(notes))
@@ -559,8 +564,9 @@ def plan_lv(found: LvLayout, amount: Amount, *, backup_dir: str) -> GrowPlan:
     ]
     if new_size > size_now:
         if isinstance(container, Partition):
-            steps += shrink.partition_steps(container, new_size, partition_end,
-                                            f"holds {container_min:,} B", verb="grow")  # fmt: skip
+            steps += shrink.partition_steps(
+                container, new_size, partition_end, f"holds {container_min:,} B", verb="grow"
+            )
         else:
             steps += _host_lv_extend_steps(container, new_size, backup_dir)
     if layout.mapping_size != crypt_final:
@@ -648,9 +654,14 @@ def plan_lv(found: LvLayout, amount: Amount, *, backup_dir: str) -> GrowPlan:
         )
     else:
         hext = container.extent_size
-        rows.append(LayerRow("host LV", f"{container.vg}/{container.lv}",
-                             describe_extents(size_now // hext, hext),
-                             describe_extents(new_size // hext, hext)))  # fmt: skip
+        rows.append(
+            LayerRow(
+                "host LV",
+                f"{container.vg}/{container.lv}",
+                describe_extents(size_now // hext, hext),
+                describe_extents(new_size // hext, hext),
+            )
+        )
     notes = [
         f"VG {vg.name}: {free:,} extents free, {need:,} needed"
         + (f"; the PV grows by {extra:,}" if extra else "; no layer below the LV changes"),
@@ -691,9 +702,10 @@ def parse_room(part: Partition, table: dict[str, Any], disk_sectors: int) -> Roo
     sector (GPT's lastlba; a DOS table may use the whole disk)."""
     pt = table["partitiontable"]
     starts = sorted(
-        (int(p["start"]), str(p["node"])) for p in pt.get("partitions", [])
+        (int(p["start"]), str(p["node"]))
+        for p in pt.get("partitions", [])
         if int(p["start"]) > part.start
-    )  # fmt: skip
+    )
     last = int(pt["lastlba"]) if "lastlba" in pt else disk_sectors - 1
     if starts and starts[0][0] - 1 < last:
         return Room(starts[0][0] - 1, f"{starts[0][1]} starts at sector {starts[0][0]:,}")
@@ -702,7 +714,7 @@ def parse_room(part: Partition, table: dict[str, Any], disk_sectors: int) -> Roo
     return Room(last, f"the disk ends there (last usable sector {last:,})")
 
 
-# --- showing a plan ------------------------------------------------------------------------------
+# --- showing a plan -------------------------------------------------------------------------------
 
 
 def describe(plan_: GrowPlan) -> dict[str, object]:
@@ -747,49 +759,27 @@ def format_plan(plan_: GrowPlan) -> str:
     return "\n".join(lines)
 
 
-# --- the key for cryptsetup resize of LUKS2 (the one seam to keys.py) ----------------------------
+# --- the key for cryptsetup resize of LUKS2 -------------------------------------------------------
 
 
-def luks_key(
-    volume: config.Volume | None,
-    container: str,
-    key_file: str | None,
-    *,
-    step: str,
-    root: str = "/",
-    settings: config.Settings | None = None,
-) -> bytes:
-    """The LUKS2 key `step` needs: the configured key (keyfile checked as unlock checks it, or
-    the keyring entry), then --key-file FILE|- (- = stdin), then a terminal prompt. With none,
-    GrowRefused names the step before anything changed."""
-    key: bytes | None = None
-    if volume is not None and volume.key.kind == "file":
-        with open(keys.keyfile_path(volume, root), "rb") as f:
-            key = f.read()
-    elif volume is not None and volume.key.kind == "keyring":
-        key = keys.keyring_secret(volume, settings or config.Settings())
-    elif key_file == "-":
-        key = sys.stdin.buffer.read()
-    elif key_file is not None:
-        try:
-            with open(key_file, "rb") as f:
-                key = f.read()
-        except OSError as error:
-            raise UsageError(f"--key-file {key_file}: {error.strerror}") from None
-    elif keys.terminal():
-        key = getpass.getpass(f"Enter passphrase for {container}: ").encode()
-    if key is None:
-        raise GrowRefused(
-            f"step {step!r} needs a key of {container} (LUKS2 resize asks for one) and there is "
-            "none: no configured key, no --key-file, no terminal. Pass --key-file FILE (or - "
-            "for stdin) or run in a terminal (ssh -t); nothing was changed"
+def with_key(steps: Sequence[Step], key: keys.Key) -> tuple[Step, ...]:
+    """The steps as they hand `key` to cryptsetup: a token key unlocks by itself (--token-only,
+    nothing on stdin); any other goes on stdin (--key-file=-)."""
+    if not key.token_only:
+        return tuple(steps)
+    return tuple(
+        replace(
+            step,
+            argv=tuple("--token-only" if a == "--key-file=-" else a for a in step.argv),
+            needs_key=False,
         )
-    if not cryptsetup.test_passphrase(container, key):
-        raise GrowRefused(f"the key for {container} opens none of its keyslots; nothing changed")
-    return key
+        if step.needs_key
+        else step
+        for step in steps
+    )
 
 
-# --- reading the host (impure) -------------------------------------------------------------------
+# --- reading the host (impure) --------------------------------------------------------------------
 
 
 def read_guest_disk(
@@ -952,7 +942,7 @@ def run_plan(
     )
 
 
-# --- the two commands ----------------------------------------------------------------------------
+# --- the two commands -----------------------------------------------------------------------------
 
 Progress = Callable[[str], None]
 
@@ -993,11 +983,27 @@ def grow_guest(
             lv_path="",
             host_lv=(disk.host.vg, disk.host.lv),
         )
-        key = _key_if_needed(plan_, where, domain=domain, volume=volume, key_file=key_file,
-                             root=root, settings=cfg.settings)  # fmt: skip
+        key = _key_if_needed(
+            plan_,
+            where,
+            domain=domain,
+            volume=volume,
+            key_file=key_file,
+            root=root,
+            settings=cfg.settings,
+        )
+        if key is not None:
+            plan_ = replace(plan_, steps=with_key(plan_.steps, key))
         progress(format_plan(plan_) + "\n")
-        run_plan(plan_, where, key=key, domain=domain, backup_dir=backup_dir,
-                 command=f"luksvm grow {guest} {amount.option}", progress=progress)  # fmt: skip
+        run_plan(
+            plan_,
+            where,
+            key=key.stdin if key else None,
+            domain=domain,
+            backup_dir=backup_dir,
+            command=f"luksvm grow {guest} {amount.option}",
+            progress=progress,
+        )
         if inside and plan_.inside is not None:
             run_inside(domain, plan_.inside, progress)
     return plan_
@@ -1027,12 +1033,28 @@ def grow_lv(
             (v for v in (cfg.volumes if cfg else ()) if v.name == where.mapping_name), None
         )
         settings = cfg.settings if cfg else config.Settings()
-        key = _key_if_needed(plan_, where, domain=None, volume=volume, key_file=key_file,
-                             root=root, settings=settings)  # fmt: skip
+        key = _key_if_needed(
+            plan_,
+            where,
+            domain=None,
+            volume=volume,
+            key_file=key_file,
+            root=root,
+            settings=settings,
+        )
+        if key is not None:
+            plan_ = replace(plan_, steps=with_key(plan_.steps, key))
         progress(format_plan(plan_) + "\n")
         command = f"luksvm grow --lv {vg_lv} {amount.option}"
-        run_plan(plan_, where, key=key, domain=None, backup_dir=backup_dir, command=command,
-                 progress=progress)  # fmt: skip
+        run_plan(
+            plan_,
+            where,
+            key=key.stdin if key else None,
+            domain=None,
+            backup_dir=backup_dir,
+            command=command,
+            progress=progress,
+        )
     return plan_
 
 
@@ -1045,11 +1067,18 @@ def _key_if_needed(
     key_file: str | None,
     root: str,
     settings: config.Settings,
-) -> bytes | None:
-    """The key, before the first change, when a step that needs it will run (not when a rerun
-    finds that step done)."""
+) -> keys.Key | None:
+    """The key (keys.obtain_key: tokens, configured key, --key-file, terminal), before the first
+    change, when a step that needs it will run (not when a rerun finds that step done); with none
+    it refuses naming the step, and nothing has changed."""
     for step in plan_.steps:
         if step.needs_key and measure(step.check, where, domain) != step.check.expected:
-            return luks_key(volume, where.container, key_file, step=step.title, root=root,
-                            settings=settings)  # fmt: skip
+            return keys.obtain_key(
+                where.container,
+                step=f"step {step.number} ({step.title})",
+                volume=volume,
+                settings=settings,
+                root=root,
+                key_file=key_file,
+            )
     return None

@@ -6,14 +6,17 @@ block resize run in the VM tier)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from luksvm import blockdev, grow, lvm, shrink
+from luksvm import blockdev, config, cryptsetup, grow, keys, lvm, shrink
 from luksvm.cli import main
+from luksvm.errors import LuksvmError
+from luksvm.stack import Check, HostLv, Step
 from tests.conftest import write_config
 from tests.integration.conftest import sh
 from tests.integration.test_guests import TEST_NS
@@ -162,3 +165,49 @@ def test_grow_lv_grows_table_pv_and_lv_exactly_and_a_rerun_resumes(
     assert size == {"lv_size": str(78 * EXT)}
     assert any("ok: lvs:" in line for line in lines)
     assert json.loads(json.dumps(grow.describe(again)))["target"] == 78 * EXT
+
+
+def test_no_key_refuses_before_the_first_change_naming_the_step(
+    tmp_path: Path, luks2_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LUKS2 resize needs a key: with no token, no configured key, no --key-file and no terminal
+    luksvm refuses before anything ran and names the step; --key-file - reads it from stdin."""
+    disk = grow.GuestDisk(
+        guest="mail",
+        target="vda",
+        volume="cr_mail",
+        host=HostLv(str(luks2_image), "vg", "lv", 32 * MiB, 4 * MiB),
+        luks=cryptsetup.read_header(str(luks2_image)),
+        mapping_size=16 * MiB,
+        running=False,
+        capacity=None,
+        host_free_extents=10,
+    )
+    plan = grow.plan_guest(disk, grow.parse_amount("4MiB", None), backup_dir=str(tmp_path))
+    where = shrink.Where("vg", "lv", str(luks2_image), "/dev/mapper/cr_mail", "cr_mail", "")
+    # the host kernel has no device-mapper: the mapping reads as not yet resized
+    monkeypatch.setattr(grow, "measure", lambda check, where, domain: -1)
+    monkeypatch.setattr(keys, "terminal", lambda: False)
+    with pytest.raises(LuksvmError) as error:
+        grow._key_if_needed(plan, where, domain=None, volume=None, key_file=None, root="/",
+                            settings=config.Settings())  # fmt: skip
+    assert "step 3 (grow the LUKS mapping cr_mail" in str(error.value)
+    assert "nothing was changed" in str(error.value)
+    assert not (tmp_path / "vg.vg").exists()
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"correct horse")))
+    key = grow._key_if_needed(plan, where, domain=None, volume=None, key_file="-", root="/",
+                              settings=config.Settings())  # fmt: skip
+    assert key is not None and key.stdin == b"correct horse"
+    assert grow.with_key(plan.steps, key) == plan.steps  # a passphrase goes on stdin
+
+
+def test_a_token_key_resizes_with_token_only() -> None:
+    disk_steps = (
+        Step(3, "grow", ("cryptsetup", "resize", "--key-file=-", "--size", "8", "m"),
+             Check("mapping_size", "m", 8, "t"), needs_key=True),
+    )  # fmt: skip
+    token = keys.Key("token", "a LUKS2 token of /dev/x")
+    (step,) = grow.with_key(disk_steps, token)
+    assert step.argv == ("cryptsetup", "resize", "--token-only", "--size", "8", "m")
+    assert not step.needs_key

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from luksvm import blockdev, config, cryptsetup, keys, lvm, shrink, sizes, stack, virt
+from luksvm import blockdev, config, cryptsetup, journal, keys, lvm, shrink, sizes, stack, virt
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -44,7 +44,6 @@ from luksvm.stack import (
 
 log = logging.getLogger("luksvm.grow")
 
-MESSAGE_ID = "965931c84545415299954d547d021dec"  # volume-grown (systemd-id128 new)
 BACKUP_ROOT = "/var/lib/luksvm/grow"
 
 
@@ -934,11 +933,11 @@ def run_plan(
         call=resize_block(domain) if domain is not None else None,
     )
     log.info(
-        "grew %s from %d to %d bytes",
+        "grew %s from %s to %s",
         plan_.subject,
-        plan_.today,
-        plan_.target,
-        extra={"MESSAGE_ID": MESSAGE_ID, "LUKSVM_GROWN_BYTES": str(plan_.target)},
+        human(plan_.today),
+        human(plan_.target),
+        extra=journal.fields(volume=where.mapping_name, message_id="volume-grown"),
     )
 
 

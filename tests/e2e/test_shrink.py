@@ -14,6 +14,8 @@ import re
 
 import pytest
 
+from luksvm import journal
+
 from .vm import BootResult, Machine, note, scenario
 
 pytestmark = pytest.mark.e2e
@@ -287,6 +289,12 @@ def check_online_guest(work: BootResult) -> None:
     assert work.text("g-pid-after") == work.text("g-pid-before")
     assert work.text("g-state-after") == "running"
     assert work.text("g-after.sha256") == work.text("g-before.sha256")
+    grown = work.entries(
+        r"^grew guest web, disk vda \(cr_web\) from ",
+        LUKSVM_VOLUME="cr_web",
+        MESSAGE_ID=journal.MESSAGE_IDS["volume-grown"],
+    )
+    assert len(grown) == 2, grown  # the resumed run and the second grow
 
 
 def check_after_reboot(after: BootResult) -> None:

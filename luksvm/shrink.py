@@ -24,6 +24,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes, stack
 from luksvm.blockdev import Partition
@@ -1038,7 +1039,7 @@ def run_steps(
                 after = result.returncode
             elif result.returncode != 0:
                 tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-                _record(journal_path, step, f"failed: exit {result.returncode}", before, None)
+                _record(journal_path, step, "failed", before, None, exit_status=result.returncode)
                 raise StepFailed(
                     f"step {step.number} ({step.title}) failed with exit status "
                     f"{result.returncode}: {tail}\nnothing after it ran; fix the cause and run "
@@ -1062,8 +1063,18 @@ def run_steps(
         progress(f"      ok: {step.check.text}")
 
 
+# What became of a step, as steps.jsonl and the journal record it.
+Outcome = Literal["already done", "done", "MISMATCH", "failed"]
+
+
 def _record(
-    path: str | None, step: Step, outcome: str, before: int | None, after: int | None
+    path: str | None,
+    step: Step,
+    outcome: Outcome,
+    before: int | None,
+    after: int | None,
+    *,
+    exit_status: int | None = None,
 ) -> None:
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1076,6 +1087,8 @@ def _record(
         "after": after,
         "outcome": outcome,
     }
+    if exit_status is not None:
+        entry["exit_status"] = exit_status
     log.info("step %d %s: %s (before %s, after %s)", step.number, step.title, outcome,
              before, after)  # fmt: skip
     if path:

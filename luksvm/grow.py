@@ -26,7 +26,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from luksvm import blockdev, config, cryptsetup, journal, keys, lvm, shrink, sizes, stack, virt
+from luksvm import (
+    blockdev,
+    config,
+    cryptsetup,
+    extfs,
+    journal,
+    keys,
+    lvm,
+    shrink,
+    sizes,
+    stack,
+    virt,
+)
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -870,6 +882,13 @@ def read_inside(domain: virt.Domain, target: str) -> Inside:
 
 
 def read_lv_layout(where: shrink.Where) -> LvLayout:
+    found = extfs.fs_type(where.lv_path)
+    if found not in extfs.EXT_TYPES:
+        what = f"a {found} filesystem" if found else "no filesystem blkid recognises"
+        raise GrowRefused(
+            f"{where.lv_path} holds {what}; luksvm grow --lv grows ext2/3/4 (for XFS: lvextend, "
+            "then xfs_growfs MOUNTPOINT)"
+        )
     layout = shrink.read_layout(where)
     container = layout.container
     if isinstance(container, Partition):

@@ -211,3 +211,12 @@ def test_a_token_key_resizes_with_token_only() -> None:
     (step,) = grow.with_key(disk_steps, token)
     assert step.argv == ("cryptsetup", "resize", "--token-only", "--size", "8", "m")
     assert not step.needs_key
+
+
+def test_grow_lv_refuses_a_filesystem_other_than_ext(tmp_path: Path) -> None:
+    swap = tmp_path / "swap.img"
+    sh("truncate", "-s", "16M", str(swap))
+    sh("mkswap", "-q", str(swap))
+    where = shrink.Where("vg", "swap", "/dev/x", "/dev/mapper/x", "x", str(swap))
+    with pytest.raises(grow.GrowRefused, match=r"holds a swap filesystem; luksvm grow --lv grows"):
+        grow.read_lv_layout(where)

@@ -178,13 +178,14 @@ def plan_guest(disk: GuestDisk, amount: Amount, *, backup_dir: str) -> GrowPlan:
         raise UsageError(
             f"{amount.option}: a disk of {target:,} B needs a host LV of {container:,} B (data "
             f"offset {luks.data_offset:,} B + the disk), not a whole number of the "
-            f"{human(ext)} extents of VG {host.vg}; use --to {below}B or --to {above}B"
+            f"{human(ext)} extents of VG {host.vg}",
+            fix=f"use --to {below}B or --to {above}B",
         )
     if target <= today:
         raise GrowRefused(
             f"{amount.option}: guest {disk.guest}'s disk {disk.target} is {human(today)} today; "
-            f"{human(target)} is not larger. luksvm grow only grows; to make it smaller shut "
-            "the guest off and use luksvm shrink"
+            f"{human(target)} is not larger, and luksvm grow only grows",
+            fix="to make it smaller, shut the guest off and use luksvm shrink",
         )
     new_extents = container // ext
     need = new_extents - host.size // ext
@@ -192,7 +193,8 @@ def plan_guest(disk: GuestDisk, amount: Amount, *, backup_dir: str) -> GrowPlan:
         raise GrowRefused(
             f"VG {host.vg} has {disk.host_free_extents:,} free extents; growing "
             f"{host.vg}/{host.lv} to {human(container)} needs {need:,} "
-            f"({describe_extents(need, ext)}); add a PV to {host.vg} (vgextend) or grow by less"
+            f"({describe_extents(need, ext)})",
+            fix=f"add a PV to {host.vg} (vgextend) or grow by less",
         )
     sectors = target // SECTOR
     steps: list[Step] = [
@@ -490,15 +492,16 @@ def refuse_unsupported(layout: shrink.Layout) -> None:
     for lv in vg.lvs:
         if lv.attr.startswith("p") or "pvmove" in lv.name:
             raise GrowRefused(
-                f"VG {vg.name} has an interrupted pvmove ({lv.name}); finish it with `pvmove` "
-                "(no arguments) or undo it with `pvmove --abort`, then run again"
+                f"VG {vg.name} has an interrupted pvmove ({lv.name})",
+                fix="finish it with `pvmove` (no arguments) or undo it with `pvmove --abort`, "
+                "then run again",
             )
     if vg.lv(layout.lv) is None:
         raise GrowRefused(f"LV {vg.name}/{layout.lv} not found in VG {vg.name}")
     if layout.filesystem.state not in {"clean", "not clean"}:
         raise GrowRefused(
-            f"{layout.lv_path}: filesystem state is {layout.filesystem.state!r}; run "
-            f"e2fsck -f {layout.lv_path} first"
+            f"{layout.lv_path}: filesystem state is {layout.filesystem.state!r}",
+            fix=f"run e2fsck -f {layout.lv_path} first",
         )
 
 
@@ -519,13 +522,15 @@ def plan_lv(found: LvLayout, amount: Amount, *, backup_dir: str) -> GrowPlan:
         below = sizes.round_down(target, ext)
         raise UsageError(
             f"{amount.option}: {name} would be {target:,} B, not a whole number of the VG's "
-            f"{human(ext)} extents; LVM would round it. Use --to {below // ext}e ({below:,} B) "
-            f"or --to {below // ext + 1}e ({below + ext:,} B)"
+            f"{human(ext)} extents; LVM would round it",
+            fix=f"Use --to {below // ext}e ({below:,} B) or --to {below // ext + 1}e "
+            f"({below + ext:,} B)",
         )
     if target <= today or target < lv.size:
         raise GrowRefused(
             f"{amount.option}: {name} is {human(max(today, lv.size))} today; {human(target)} is "
-            "not larger. luksvm grow only grows; to make it smaller use luksvm shrink (offline)"
+            "not larger, and luksvm grow only grows",
+            fix="to make it smaller use luksvm shrink (offline)",
         )
     pe_count = pv.size // ext
     allocated = sum(s.pe_count for s in vg.segments if s.lv)
@@ -546,8 +551,9 @@ def plan_lv(found: LvLayout, amount: Amount, *, backup_dir: str) -> GrowPlan:
             raise GrowRefused(
                 f"no room after partition {container.number} of {container.disk}: to hold "
                 f"{human(container_min)} it must end at sector {partition_end:,}, but "
-                f"{room.why} (sector {room.last_lba:,} is the last it may use); "
-                f"{name} can grow by at most {human(free * ext)} (the VG's free extents)"
+                f"{room.why} (sector {room.last_lba:,} is the last it may use)",
+                fix=f"{name} can grow by at most {human(free * ext)} (the VG's free extents); "
+                "for more, make room after the partition first",
             )
     else:
         new_size = max(size_now, stack.host_lv_for(container, container_min))
@@ -556,8 +562,8 @@ def plan_lv(found: LvLayout, amount: Amount, *, backup_dir: str) -> GrowPlan:
             raise GrowRefused(
                 f"VG {container.vg} has {room.host_free_extents:,} free extents; growing "
                 f"{container.vg}/{container.lv} to {human(new_size)} needs {host_need:,} "
-                f"({describe_extents(host_need, container.extent_size)}); add a PV to "
-                f"{container.vg} (vgextend) or grow by less"
+                f"({describe_extents(host_need, container.extent_size)})",
+                fix=f"add a PV to {container.vg} (vgextend) or grow by less",
             )
     crypt_final = stack.mapping_fill(new_size, luks.data_offset, luks.sector_size)
     pv_final = stack.pv_fill(crypt_final, pv.pe_start, layout.end_mda, ext)
@@ -812,46 +818,51 @@ def read_guest_disk(
         if not ours:
             raise GrowRefused(
                 f"no disk of guest {guest} is a luksvm volume (its disks: "
-                f"{', '.join(d.target + '=' + (d.source or '-') for d in disks) or 'none'}); "
-                "luksvm grows disks listed in /etc/luksvm/crypttab.d"
+                f"{', '.join(d.target + '=' + (d.source or '-') for d in disks) or 'none'})",
+                fix="luksvm grows /dev/mapper/NAME disks whose NAME is a volume in "
+                "/etc/luksvm/crypttab.d; configure it there (luksvm migrate moves a disk onto one)",
             )
         if len(ours) > 1:
             raise UsageError(
-                f"guest {guest} has {len(ours)} luksvm disks "
-                f"({', '.join(d.target for d in ours)}); name one with --disk TARGET"
+                f"guest {guest} has {len(ours)} luksvm disks ({', '.join(d.target for d in ours)})",
+                fix="name one with --disk TARGET",
             )
         disk = ours[0]
     volume = by_path.get(disk.source)
     if volume is None:
         raise GrowRefused(
             f"disk {disk.target} of guest {guest} ({disk.source or 'no source'}) is not a luksvm "
-            "volume: luksvm grows only /dev/mapper/NAME disks whose NAME is configured in "
-            "/etc/luksvm/crypttab.d"
+            "volume",
+            fix="luksvm grows /dev/mapper/NAME disks whose NAME is a volume in "
+            "/etc/luksvm/crypttab.d; configure it there (luksvm migrate moves a disk onto one)",
         )
     users = sorted(set(volume.guests) | {guest})
     if len(users) > 1:
         raise GrowRefused(
             f"volume {volume.name} is the disk of guests {', '.join(users)}: growing it changes "
             "the disk under every one of them, and only one can be told of the new size; luksvm "
-            "refuses. Detach it from all but one, then grow"
+            "refuses",
+            fix="detach it from all but one guest, then grow",
         )
     mapping = blockdev.crypt_mapping_on(volume.device)
     running = domain.is_running()
     if running and not mapping:
         raise GrowRefused(
             f"guest {guest} is running but {volume.name} is closed: the guest cannot be using "
-            f"this volume as its disk {disk.target}; look at `luksvm status` and the domain XML"
+            f"this volume as its disk {disk.target}",
+            fix="look at `luksvm status` and the guest's domain XML (virsh dumpxml)",
         )
     if mapping and mapping != volume.name:
         raise GrowRefused(
-            f"{volume.device} is open as {mapping}, not as {volume.name}; close it and open "
-            f"it as {volume.name} (luksvm unlock {volume.name})"
+            f"{volume.device} is open as {mapping}, not as {volume.name}",
+            fix=f"close it and open it as {volume.name} (luksvm unlock {volume.name})",
         )
     lv = shrink.host_lv_of(volume.device)
     if lv is None:
         raise GrowRefused(
             f"volume {volume.name} lies on {volume.device}, not on an LV of the host; grow GUEST "
-            "grows host LVs (for a partition use luksvm grow --lv VG/LV)"
+            "grows host LVs",
+            fix="for a partition use luksvm grow --lv VG/LV",
         )
     host = shrink.read_host_lv(volume.device, *lv)
     free = lvm.report("vgs", ["vg_free_count"], [host.vg])
@@ -886,8 +897,8 @@ def read_lv_layout(where: shrink.Where) -> LvLayout:
     if found not in extfs.EXT_TYPES:
         what = f"a {found} filesystem" if found else "no filesystem blkid recognises"
         raise GrowRefused(
-            f"{where.lv_path} holds {what}; luksvm grow --lv grows ext2/3/4 (for XFS: lvextend, "
-            "then xfs_growfs MOUNTPOINT)"
+            f"{where.lv_path} holds {what}; luksvm grow --lv grows ext2/3/4",
+            fix="for XFS: lvextend, then xfs_growfs MOUNTPOINT",
         )
     layout = shrink.read_layout(where)
     container = layout.container

@@ -177,6 +177,7 @@ def test_not_larger_points_to_shrink() -> None:
     with pytest.raises(grow.GrowRefused, match=r"is not larger.*luksvm shrink") as error:
         grow.plan_guest(guest_disk(), to("240MiB"), backup_dir="/b")
     assert error.value.exit_code == 2
+    assert error.value.fix == "to make it smaller, shut the guest off and use luksvm shrink"
 
 
 def test_too_few_free_extents_says_needed_and_free() -> None:
@@ -185,6 +186,7 @@ def test_too_few_free_extents_says_needed_and_free() -> None:
     message = str(error.value)
     assert "VG volgrp4 has 10 free extents" in message
     assert "needs 16 (16 extents × 4,194,304 B" in message
+    assert error.value.fix == "add a PV to volgrp4 (vgextend) or grow by less"
 
 
 def test_a_size_that_is_not_whole_extents_is_a_usage_error_with_both_neighbours() -> None:

@@ -43,6 +43,7 @@ from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import run
+from luksvm.shrink import LayerRow
 from luksvm.sizes import SECTOR, human
 from luksvm.stack import (
     Check,
@@ -114,14 +115,6 @@ class GuestDisk:
     capacity: int | None  # bytes QEMU reports for the disk; None when the guest is not running
     host_free_extents: int
     uri: str = virt.DEFAULT_URI
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    layer: str
-    device: str
-    before: str
-    after: str
 
 
 @dataclass(frozen=True)

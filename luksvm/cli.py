@@ -42,12 +42,16 @@ def print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from luksvm import config
+    from luksvm import config, crypttab_options
 
     cfg = config.load(args.root)
     data = config.describe(cfg)
+    version = crypttab_options.installed_systemd_version(cfg.root)
+    warnings = [str(w) for w in config.option_warnings(cfg, version)]
+    for warning in warnings:
+        print(f"luksvm: warning: {warning}", file=sys.stderr)
     if args.json:
-        print_json(data)
+        print_json({**data, "systemd_version": version, "warnings": warnings})
         return EXIT_OK
     volumes: list[dict[str, Any]] = data["volumes"]  # type: ignore[assignment]
     guests: list[dict[str, Any]] = data["guests"]  # type: ignore[assignment]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import config, crypttab_options, units
+from luksvm import backup, config, crypttab_options, files, migrate, units
 from luksvm.cli import main
 from luksvm.config import ConfigError, parse_crypttab, parse_settings
 from luksvm.durations import parse_timespan
+from luksvm.errors import LuksvmError, UsageError
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -371,3 +372,28 @@ def test_a_keyfile_volume_with_headless_false_is_interactive_and_not_before_libv
     assert volume.interactive
     dropin = render(tmp_path).files["luksvm-unlock@a.service.d/50-luksvm.conf"]
     assert "libvirtd.service" not in dropin
+
+
+def test_a_backup_dir_that_is_a_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file/sub"):
+        with pytest.raises(LuksvmError, match=r"cannot make the header backup folder .*not a"):
+            backup.prepare_directory(str(path))
+
+
+@pytest.mark.parametrize("text", ["0001-01-01", "9999-12-31T23:59:59-01:00"])
+def test_prune_before_at_the_edge_of_time_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="out of the range of dates"):
+        backup.parse_date(text)
+
+
+def test_a_state_folder_that_is_a_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "var/lib").mkdir(parents=True)
+    (tmp_path / "var/lib/luksvm").write_text("")
+    with pytest.raises(LuksvmError, match=r"var/lib/luksvm is not a folder"):
+        files.write_atomically(str(tmp_path / "var/lib/luksvm/migrate/g.vda.json"), "{}")
+    (tmp_path / "var/lib/luksvm").unlink()
+    (tmp_path / "var/lib/luksvm").mkdir()
+    (tmp_path / "var/lib/luksvm/migrate").write_text("")
+    with pytest.raises(LuksvmError, match="cannot read migration records"):
+        migrate.states_of(str(tmp_path), "g")

@@ -380,7 +380,7 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
                     problems.append(
                         Problem(
                             here,
-                            f"[{section}]: {name!r} is not a valid guest name (no white space, "
+                            f"[guest:…]: {name!r} is not a valid guest name (no white space, "
                             "'/' or ',', and not starting with -)",
                         )
                     )
@@ -388,7 +388,7 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
                 problems.append(
                     Problem(
                         here,
-                        f"unknown section [{section}]; expected one of "
+                        f"unknown section {'[' + section + ']'!r}; expected one of "
                         + ", ".join(f"[{s}]" for s in sorted(known - {"guest:NAME"}))
                         + " or [guest:NAME]",
                     )
@@ -403,13 +403,16 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
         if section == "?":
             continue  # already reported the section
         if not section:
-            problems.append(Problem(here, f"{key} = … stands before any [section]"))
+            problems.append(Problem(here, f"{key!r} = … stands before any [section]"))
             continue
         spec = _settings_spec(section, key)
         if spec is None:
             keys = [s.key for s in SETTINGS if s.section == _generic(section)]
             problems.append(
-                Problem(here, f"unknown setting {key!r} in [{section}]; known: {', '.join(keys)}")
+                Problem(
+                    here,
+                    f"unknown setting {key!r} in {'[' + section + ']'!r}; known: {', '.join(keys)}",
+                )
             )
             continue
         equals = raw.index("=")
@@ -417,7 +420,10 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
         value_column = equals + 2 + len(after) - len(after.lstrip(WHITESPACE))
         if (section, key) in seen:
             problems.append(
-                Problem(here, f"{key} set again in [{section}] (first at {seen[section, key]})")
+                Problem(
+                    here,
+                    f"{key} set again in {'[' + section + ']'!r} (first at {seen[section, key]})",
+                )
             )
             continue
         seen[section, key] = here
@@ -482,6 +488,14 @@ def _tokens(text: str, start_column: int, separator: str) -> Iterator[_Token]:
     for part in text.split(separator):
         yield _Token(part, column)
         column += len(part) + len(separator)
+
+
+def _shown(text: str, *, quote: bool = False) -> str:
+    """`text` for a message that must stay one line: as it is (in double quotes with quote=True)
+    when printable, else Python's escaped repr."""
+    if text.isprintable():
+        return f'"{text}"' if quote else text
+    return repr(text)
 
 
 def path_problem(path: str) -> str:
@@ -561,11 +575,11 @@ def _parse_key(token: _Token, here: Location, problems: list[Problem]) -> Key:
         return Key("keyring", service=service, user=user)
     keyfile, device = _split_keyspec(text)
     if device:
-        name = os.path.basename(keyfile) or "NAME.key"
+        name = _shown(os.path.basename(keyfile)) or "NAME.key"
         problems.append(
             Problem(
                 here,
-                f"key {text!r} is keyfile {keyfile!r} on device {device}; a keyfile on another "
+                f"key {text!r} is keyfile {keyfile!r} on device {_shown(device)}; a keyfile on another "
                 f"device is not supported by luksvm (it would have to mount that device at "
                 f"boot): copy the key to {KEYS_DIR}/{name} (root-owned, mode 0400) and write "
                 f"that path",
@@ -580,8 +594,9 @@ def _parse_key(token: _Token, here: Location, problems: list[Problem]) -> Key:
     problems.append(
         Problem(
             here,
-            f'key "{text}" is a relative path; write an absolute path such as '
-            f"{KEYS_DIR}/{os.path.basename(text) or 'NAME.key'}, or - to ask for a passphrase",
+            f"key {_shown(text, quote=True)} is a relative path; write an absolute path such as "
+            f"{KEYS_DIR}/{_shown(os.path.basename(text)) or 'NAME.key'}, or - to ask for a "
+            "passphrase",
         )
     )
     return Key("file", path=text)
@@ -847,8 +862,8 @@ def build(
             problems.append(
                 Problem(
                     Location(settings_path, 1),
-                    f"[guest:{name}] has settings but no volume names it; add "
-                    f"x-luksvm.guest={name} to its volumes' options or remove the section",
+                    f"[guest:{_shown(name)}] has settings but no volume names it; add "
+                    f"x-luksvm.guest={_shown(name)} to its volumes' options or remove the section",
                 )
             )
     guests = [

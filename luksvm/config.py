@@ -388,7 +388,7 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
                 problems.append(
                     Problem(
                         here,
-                        f"unknown section {'[' + section + ']'!r}; expected one of "
+                        f"unknown section [{_shown(section)}]; expected one of "
                         + ", ".join(f"[{s}]" for s in sorted(known - {"guest:NAME"}))
                         + " or [guest:NAME]",
                     )
@@ -411,7 +411,7 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
             problems.append(
                 Problem(
                     here,
-                    f"unknown setting {key!r} in {'[' + section + ']'!r}; known: {', '.join(keys)}",
+                    f"unknown setting {key!r} in [{_shown(section)}]; known: {', '.join(keys)}",
                 )
             )
             continue
@@ -422,7 +422,7 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
             problems.append(
                 Problem(
                     here,
-                    f"{key} set again in {'[' + section + ']'!r} (first at {seen[section, key]})",
+                    f"{key} set again in [{_shown(section)}] (first at {seen[section, key]})",
                 )
             )
             continue
@@ -579,8 +579,8 @@ def _parse_key(token: _Token, here: Location, problems: list[Problem]) -> Key:
         problems.append(
             Problem(
                 here,
-                f"key {text!r} is keyfile {keyfile!r} on device {_shown(device)}; a keyfile on another "
-                f"device is not supported by luksvm (it would have to mount that device at "
+                f"key {text!r} is keyfile {keyfile!r} on device {_shown(device)}; a keyfile on "
+                f"another device is not supported by luksvm (it would have to mount that device at "
                 f"boot): copy the key to {KEYS_DIR}/{name} (root-owned, mode 0400) and write "
                 f"that path",
             )

@@ -263,7 +263,7 @@ TIMEOUT = re.compile(r"^(?:Timeout\w*Sec|JobRunningTimeoutSec)=(.*)$", re.M)
 
 def check_tree(root: Path) -> str:
     """'loaded', 'refused': anything else raises."""
-    cfg, problems = config.read(str(root))
+    _, problems = config.read(str(root))
     for problem in problems:
         assert problem.where.path and problem.where.line >= 1, problem
         assert LOCATED.match(str(problem)), problem

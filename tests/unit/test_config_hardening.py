@@ -397,3 +397,14 @@ def test_a_state_folder_that_is_a_file_is_an_error_not_a_traceback(tmp_path: Pat
     (tmp_path / "var/lib/luksvm/migrate").write_text("")
     with pytest.raises(LuksvmError, match="cannot read migration records"):
         migrate.states_of(str(tmp_path), "g")
+
+
+def test_the_manual_example_of_luksvm_conf_parses_cleanly() -> None:
+    page = (REPO / "docs/luksvm.conf.5.in").read_text()
+    example = page.split(".SH EXAMPLE", 1)[1].split(".nf\n", 1)[1].split(".fi", 1)[0]
+    text = "\n".join(
+        line.replace("\\-", "-") for line in example.splitlines() if not line.startswith(".")
+    )
+    assert "#" in text
+    settings, found = parse_settings(text, "luksvm.conf(5)")
+    assert found == [] and settings.guests.stop_timeout == 180_000_000

@@ -87,8 +87,8 @@ def parse_date(text: str, now: datetime | None = None) -> datetime:
         return moment.astimezone(timezone.utc)
     except (ValueError, OverflowError):
         raise UsageError(
-            f"--prune-before {text!r}: out of the range of dates (years 1 to 9999 in UTC); "
-            "no backup is that old or that new: give a date such as 2024-05-01, or now"
+            f"--prune-before {text!r}: out of the range of dates (years 1 to 9999 in UTC)",
+            fix="give a date such as 2024-05-01, or now",
         ) from None
 
 
@@ -249,8 +249,8 @@ def prepare_directory(path: str) -> None:
         found = files.blocker(path)
         raise LuksvmError(
             f"cannot make the header backup folder {path}: "
-            + (f"{found} is not a folder" if found else str(error.strerror))
-            + "; move it out of the way or set [backup] dir in luksvm.conf to a folder"
+            + (f"{found} is not a folder" if found else str(error.strerror)),
+            fix="move it out of the way, or set [backup] dir in luksvm.conf to a folder",
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise LuksvmError(f"{path} is not a directory; header backups need a directory there")

@@ -292,9 +292,9 @@ def open_argv(
         elif key not in OPEN_IGNORES and keyring:
             raise LuksvmError(
                 f"{name}: option {option!r} cannot be used with a keyring: key: luksvm hands "
-                "that key to cryptsetup open, which has no token support; give the volume a "
-                "keyfile or - as its key (systemd-cryptsetup then handles the option), or "
-                "remove the option"
+                "that key to cryptsetup open, which has no token support",
+                fix="give the volume a keyfile or - as its key (systemd-cryptsetup then handles "
+                "the option), or remove the option",
             )
         elif key not in OPEN_IGNORES:
             raise LuksvmError(

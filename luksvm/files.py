@@ -37,8 +37,8 @@ def ensure_folder(path: str, mode: int = 0o700) -> None:
         found = blocker(path)
         reason = f"{found} is not a folder" if found else error.strerror
         raise LuksvmError(
-            f"cannot make the folder {path}: {reason}; move it out of the way (luksvm keeps "
-            "its state there)"
+            f"cannot make the folder {path}: {reason}",
+            fix="move it out of the way (luksvm keeps its state there)",
         ) from None
 
 

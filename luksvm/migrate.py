@@ -738,8 +738,8 @@ def states_of(root: str, guest: str) -> list[State]:
         return []
     except OSError as error:
         raise LuksvmError(
-            f"cannot read migration records in {directory}: {error.strerror}; it must be a "
-            "folder (move what is there out of the way)"
+            f"cannot read migration records in {directory}: {error.strerror}",
+            fix="it must be a folder: move what is there out of the way",
         ) from None
     found = [
         State.load(os.path.join(directory, n))

@@ -73,6 +73,8 @@ def test_option_values_systemd_would_ignore_are_refused_at_their_column(
         "timeout=0",
         "timeout=infinity",
         "x-systemd.device-timeout=1min 30s".replace(" ", ""),
+        "x-systemd.device-timeout=infinity",
+        "x-systemd.device-timeout=0",
         "tpm2-device=auto",
         "tpm2-pcrs=7+11",
         "tpm2-pcrs=",
@@ -82,8 +84,10 @@ def test_option_values_systemd_would_ignore_are_refused_at_their_column(
         "keyfile-offset=18446744073709551615",
     ],
 )
-def test_option_values_systemd_reads_pass(option: str) -> None:
+def test_option_values_systemd_reads_pass_and_render(option: str, tmp_path: Path) -> None:
     assert problems(f"a /dev/vg/a - luks,{option}\n") == []
+    write_config(tmp_path, {"a.conf": f"a /dev/vg/a - luks,{option}\n"})
+    assert render(tmp_path).files
 
 
 @pytest.mark.parametrize(

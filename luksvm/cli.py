@@ -8,10 +8,13 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from luksvm import __version__, journal
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
+
+if TYPE_CHECKING:
+    from luksvm.config import Config
 
 log = logging.getLogger("luksvm")
 
@@ -41,15 +44,23 @@ def print_table(rows: Sequence[Sequence[str]]) -> None:
 # --- commands: each handler imports what it needs, so `luksvm --help` stays light -------------
 
 
-def cmd_config_check(args: argparse.Namespace) -> int:
+def option_warnings(cfg: Config) -> tuple[int | None, list[str]]:
+    """The installed systemd's version and the options it would ignore, each printed once."""
     from luksvm import config, crypttab_options
 
-    cfg = config.load(args.root)
-    data = config.describe(cfg)
     version = crypttab_options.installed_systemd_version(cfg.root)
     warnings = [str(w) for w in config.option_warnings(cfg, version)]
     for warning in warnings:
         print(f"luksvm: warning: {warning}", file=sys.stderr)
+    return version, warnings
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from luksvm import config
+
+    cfg = config.load(args.root)
+    data = config.describe(cfg)
+    version, warnings = option_warnings(cfg)
     if args.json:
         print_json({**data, "systemd_version": version, "warnings": warnings})
         return EXIT_OK
@@ -381,6 +392,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from luksvm import apply, config, guests
 
     cfg = config.load(args.root)
+    option_warnings(cfg)
     plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)

@@ -412,3 +412,14 @@ def test_the_manual_example_of_luksvm_conf_parses_cleanly() -> None:
     assert "#" in text
     settings, found = parse_settings(text, "luksvm.conf(5)")
     assert found == [] and settings.guests.stop_timeout == 180_000_000
+
+
+def test_apply_names_options_the_installed_systemd_would_ignore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(tmp_path, {"a.conf": "a /dev/vg/a - luks,tpm2-pcrlock=/p.json\n"})
+    lib = tmp_path / "usr/lib/systemd"
+    lib.mkdir(parents=True)
+    (lib / "libsystemd-shared-252.so").write_text("")
+    assert main(["--root", str(tmp_path), "apply", "--dry-run"]) == 0
+    assert "a.conf:1:20: tpm2-pcrlock= needs systemd 255" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from luksvm import backup, config, crypttab_options, files, migrate, units
-from luksvm.cli import main
+from luksvm.cli import build_parser, main
 from luksvm.config import ConfigError, parse_crypttab, parse_settings
 from luksvm.durations import parse_timespan
 from luksvm.errors import LuksvmError, UsageError
@@ -423,3 +423,18 @@ def test_apply_names_options_the_installed_systemd_would_ignore(
     (lib / "libsystemd-shared-252.so").write_text("")
     assert main(["--root", str(tmp_path), "apply", "--dry-run"]) == 0
     assert "a.conf:1:20: tpm2-pcrlock= needs systemd 255" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["guest", "start", "--", "-g"], "guest", "-g"),
+        (["guest", "stop", "--", "-g"], "guest", "-g"),
+        (["lock", "--from-unit", "--", "-v"], "names", ["-v"]),
+        (["unlock", "--no-start", "--", "--all"], "names", ["--all"]),
+    ],
+)
+def test_every_template_command_line_reads_the_instance_after_double_dash_as_a_name(
+    argv: list[str], field: str, value: object
+) -> None:
+    assert getattr(build_parser().parse_args(argv), field) == value

@@ -26,9 +26,7 @@ KEYS_DIR = "/etc/luksvm/keys"
 STANDARD_OPTIONS = frozenset(crypttab_options.OPTIONS)
 # Options only the crypttab generator acts on: luksvm implements them in its units instead.
 GENERATOR_OPTIONS = frozenset({"noauto", "nofail", "x-systemd.device-timeout", "keyfile-timeout"})
-NOT_LUKS_OPTIONS = frozenset(
-    name for name, why in crypttab_options.NOT_SUPPORTED.items() if "LUKS volumes only" in why
-)
+NOT_LUKS_OPTIONS = crypttab_options.NOT_LUKS
 INITRAMFS_OPTIONS = frozenset({"keyscript", "initramfs", "check", "checkargs", "precheck"})
 TOKEN_OPTIONS = frozenset({"tpm2-device", "fido2-device", "pkcs11-uri"})
 

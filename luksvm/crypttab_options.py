@@ -201,15 +201,19 @@ OPTIONS: dict[str, OptionSpec] = {
     ]
 }
 
+# Volume types other than LUKS, and their options.
+NOT_LUKS = frozenset(
+    (
+        "plain bitlk tcrypt tcrypt-hidden tcrypthidden tcrypt-system tcrypt-veracrypt "
+        "veracrypt veracrypt-pim tcrypt-keyfile swap tmp"
+    ).split()
+)
 # Understood by systemd, but not by luksvm: the reason goes into the error.
 NOT_SUPPORTED: dict[str, str] = {
     **{
         name: "luksvm manages LUKS volumes only (header backups, doctor and shrink read the LUKS "
         "header); use luks"
-        for name in (
-            "plain bitlk tcrypt tcrypt-hidden tcrypthidden tcrypt-system tcrypt-veracrypt "
-            "veracrypt veracrypt-pim tcrypt-keyfile swap tmp"
-        ).split()
+        for name in NOT_LUKS
     },
     "header": "a detached header is not supported: luksvm backs up, checks and resizes the LUKS "
     "header on the volume's own device; keep the header on the device",

@@ -946,7 +946,8 @@ def option_warnings(config: Config, systemd_version: int | None) -> list[Problem
         columns = volume.option_columns or (volume.where.column,) * len(volume.options)
         for option, column in zip(volume.options, columns):
             spec = crypttab_options.OPTIONS.get(option.partition("=")[0])
-            if spec is not None and spec.since > systemd_version:
+            # the generator's options are luksvm's to implement: its units do, on any systemd
+            if spec is not None and not spec.generator and spec.since > systemd_version:
                 name = spec.name + ("=" if spec.form == "value" else "")
                 warnings.append(
                     Problem(

@@ -438,3 +438,9 @@ def test_every_template_command_line_reads_the_instance_after_double_dash_as_a_n
     argv: list[str], field: str, value: object
 ) -> None:
     assert getattr(build_parser().parse_args(argv), field) == value
+
+
+def test_generator_options_luksvm_implements_itself_get_no_version_warning() -> None:
+    volumes, _ = parse_crypttab("a /dev/vg/a - luks,keyfile-timeout=5s,x-initrd.attach\n", "f")
+    cfg = config.Config("/", tuple(volumes), (), config.Settings(), ())
+    assert config.option_warnings(cfg, 230) == []

@@ -767,14 +767,14 @@ def units_applied(host: Host) -> Iterator[Finding]:
             fix=f"rm {shlex.quote(os.path.join(plan.root, path))}",
         )
     state = host.unit_files().get(units.TARGET, "not installed")
-    if state != "enabled":
+    if state not in systemctl.ENABLED_STATES:
         yield Finding.fail(
             units.TARGET,
             f"{units.TARGET} is {state}: nothing unlocks the volumes or starts the guests at boot",
             fix=f"systemctl enable {units.TARGET}",
         )
     else:
-        yield Finding.ok(units.TARGET, "enabled")
+        yield Finding.ok(units.TARGET, state)
     if host.systemd_running:
         for row in systemctl.list_units(["luksvm*"], state="failed"):
             unit = row.get("unit", "")
@@ -797,9 +797,8 @@ def libvirt_daemons_in_use(host: Host) -> list[str]:
 
     def used(unit: str) -> bool:
         state = states.get(unit, {})
-        return state.get("ActiveState") in ("active", "activating", "reloading") or state.get(
-            "UnitFileState"
-        ) in ("enabled", "enabled-runtime", "static", "indirect", "alias")
+        active = state.get("ActiveState") in ("active", "activating", "reloading")
+        return active or state.get("UnitFileState") in systemctl.ENABLED_STATES
 
     return [d for d in units.LIBVIRT_DAEMONS if used(d) or used(LIBVIRT_SOCKETS[d])]
 
@@ -964,7 +963,7 @@ def _libvirt_guests(host: Host) -> Finding:
     """libvirt-guests saves running guests' RAM at shutdown (ON_SHUTDOWN=suspend, its default).
     luksvm stops its guests first, but one it could not stop would be saved there."""
     state = host.unit_files().get("libvirt-guests.service", "not installed")
-    if state not in ("enabled", "enabled-runtime", "static", "indirect", "alias"):
+    if state not in systemctl.ENABLED_STATES:
         return Finding.ok("libvirt-guests", f"libvirt-guests.service is {state}")
     path, settings = guests.libvirt_guests_settings(host.config)
     action = settings.get("ON_SHUTDOWN", "")
@@ -1177,9 +1176,6 @@ def _guest_lvm_or_none(host: Host, volume: Volume) -> tuple[list[str], list[str]
 
 
 LVMETAD_UNITS = ("lvm2-lvmetad.socket", "lvm2-lvmetad.service")
-PRESENT_STATES = frozenset(
-    {"enabled", "enabled-runtime", "static", "indirect", "generated", "alias"}
-)
 
 
 def _version_text(version: tuple[int, int, int]) -> str:
@@ -1217,7 +1213,7 @@ def _lvmetad_units(host: Host, version: str) -> Iterator[Finding]:
         "update), and event autoactivation does not work"
     )
     states = host.unit_files()
-    bad = [u for u in LVMETAD_UNITS if states.get(u) not in PRESENT_STATES]
+    bad = [u for u in LVMETAD_UNITS if states.get(u) not in systemctl.ENABLED_STATES]
     if bad:
         described = ", ".join(f"{u} is {states.get(u, 'not installed')}" for u in bad)
         yield Finding.fail(
@@ -1432,7 +1428,7 @@ def _fstrim_timer(host: Host) -> Iterator[Finding]:
     state = host.unit_files().get("fstrim.timer", "not installed")
     fix = "systemctl enable --now fstrim.timer"
     why = "the host's filesystems are not trimmed: SSDs slow down and thin pools do not shrink"
-    if state not in ("enabled", "enabled-runtime", "static", "indirect", "generated", "alias"):
+    if state not in systemctl.ENABLED_STATES:
         yield Finding.warn("fstrim.timer", f"fstrim.timer is {state}: {why}", fix=fix)
     elif host.systemd_running:
         active = host.unit_properties(["fstrim.timer"], ("ActiveState",))

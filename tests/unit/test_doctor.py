@@ -573,6 +573,30 @@ def test_units_never_applied_then_in_sync_then_out_of_sync(
     assert by(findings, "cr_a").status == OK
 
 
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("enabled-runtime", OK),
+        ("alias", OK),
+        ("linked", FAIL),
+        ("masked", FAIL),
+        ("transient", FAIL),
+    ],
+)
+def test_target_counts_as_enabled_exactly_when_systemctl_is_enabled_says_so(
+    tmp_path: Path, commands: Commands, state: str, status: str
+) -> None:
+    root = seed(tmp_path, "cr_a /dev/a - luks,x-luksvm.guest=mail\n")
+    commands.unit_files(
+        str(root), TARGET_ENABLED.replace('"state":"enabled"', f'"state":"{state}"')
+    )
+    target = by(run_check(Host(str(root)), "units"), "luksvm.target")
+    assert (target.status, target.message.startswith(f"luksvm.target is {state}")) == (
+        status,
+        status == FAIL,
+    )
+
+
 def show_block(unit: str, **properties: str) -> str:
     return "\n".join([f"Id={unit}", *(f"{k}={v}" for k, v in properties.items())]) + "\n\n"
 

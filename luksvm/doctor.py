@@ -1122,14 +1122,18 @@ def guest_vg_leak(host: Host) -> Iterator[Finding]:
         seen = view.scanned or view.autoactivated
         return view, _guest_lvm_or_none(host, volume) if seen else None
 
+    devices_file = host.devices_file()
+    filter_fix = ""  # the same for every volume: built once, when a volume first needs it
     for volume, (view, guest_lvm) in zip(volumes, host.each(look, volumes)):
-        devices_file = host.devices_file()
-        fix = (
-            f"lvmdevices --deldev {volume.mapper_path}   (while it is unlocked; "
-            "`lvmdevices` lists the entries)"
-            if devices_file
-            else _filter_fix(host)
-        )
+        fix = ""
+        if view.scanned or view.autoactivated:
+            if devices_file:
+                fix = (
+                    f"lvmdevices --deldev {volume.mapper_path}   (while it is unlocked; "
+                    "`lvmdevices` lists the entries)"
+                )
+            else:
+                fix = filter_fix = filter_fix or _filter_fix(host)
         if not view.scanned and not view.autoactivated:
             yield Finding.ok(volume.name, f"hidden from the host's LVM: {view.why}")
         elif guest_lvm is None:

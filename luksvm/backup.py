@@ -312,7 +312,10 @@ def unchanged_since(backup: Backup, device: str) -> bool:
     record = read_record(backup)
     if record is None:
         return False
-    return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+    try:
+        return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+    except OSError:
+        return False  # the caller's cryptsetup call says why the device cannot be read
 
 
 @dataclass(frozen=True)
@@ -358,8 +361,12 @@ def backup_volume(
 ) -> Outcome:
     """Back up one volume's header into `directory` unless it is unchanged, then rotate/prune."""
     device = volume.device
-    if not cryptsetup.is_luks(device):
-        newest = next((b for b in list_backups(directory) if not b.raw), None)
+    backups = list_backups(directory)
+    newest = next((b for b in backups if not b.raw), None)
+    # The metadata digest answers "unchanged" with one small read: that header was verified as
+    # LUKS when it was backed up. Only a changed (or unrecorded) header is asked of cryptsetup.
+    changed = newest is None or not unchanged_since(newest, device)
+    if changed and not cryptsetup.is_luks(device):
         hint = (
             f"; restore the newest backup with: luksvm header-restore {volume.name} --from "
             f"{newest.path}"
@@ -369,9 +376,6 @@ def backup_volume(
         raise LuksvmError(
             f"{volume.name}: {device} does not read as LUKS (cryptsetup isLuks){hint}"
         )
-    backups = list_backups(directory)
-    newest = next((b for b in backups if not b.raw), None)
-    changed = newest is None or not unchanged_since(newest, device)
     doomed = deletions(backups, keep=keep, adding=changed, prune_before=prune_before)
     removed = tuple(b.path for b in doomed)
     if dry_run:

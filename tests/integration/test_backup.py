@@ -92,7 +92,10 @@ def test_backup_is_what_luksheaderbackup_writes_and_verifies(
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], version: int
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    version: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     image = make_luks(tmp_path / "disk.img", KEY, version=version)
     directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
@@ -101,7 +104,16 @@ def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
     first_bytes = digest(first)
     capsys.readouterr()
 
+    ran: list[tuple[str, ...]] = []
+    real_run = cryptsetup.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        ran.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cryptsetup, "run", recording_run)
     assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert ran == []  # the metadata digest answers it: no isLuks, no luksDump
     out = capsys.readouterr().out
     assert "unchanged" in out
     assert "note:" not in out  # the passphrase warning comes with new backups

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Final, Literal, TypeVar
 
 from luksvm import (
     apply,
@@ -38,10 +38,15 @@ from luksvm.cryptsetup import LuksHeader
 from luksvm.durations import format_timespan
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_WARN, LuksvmError, UsageError
 
-OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
-EXIT_CODES = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
+Status = Literal["OK", "WARN", "FAIL", "SKIP"]
+OK: Final = "OK"
+WARN: Final = "WARN"
+FAIL: Final = "FAIL"
+SKIP: Final = "SKIP"
+STATUSES: tuple[Status, ...] = (SKIP, OK, WARN, FAIL)  # from best to worst
+EXIT_CODES: dict[Status, int] = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
 # Prometheus gauge values: alert on > 0; a skipped check is -1, so it never passes for healthy.
-GAUGE_VALUES = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
+GAUGE_VALUES: dict[Status, int] = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
 HOST = "host"  # the subject of findings about the host as a whole
 
 T = TypeVar("T")
@@ -50,7 +55,7 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Finding:
-    status: str  # OK | WARN | FAIL | SKIP
+    status: Status
     subject: str  # the volume, guest, file or "host" it speaks of
     message: str  # what was found and why it matters
     fix: str = ""  # a command or config line to paste
@@ -360,9 +365,8 @@ def exit_code(findings: Iterable[Finding]) -> int:
     return max((EXIT_CODES[f.status] for f in findings), default=EXIT_OK)
 
 
-def worst(findings: Iterable[Finding]) -> str:
-    order = (SKIP, OK, WARN, FAIL)
-    return max((f.status for f in findings), key=order.index, default=SKIP)
+def worst(findings: Iterable[Finding]) -> Status:
+    return max((f.status for f in findings), key=STATUSES.index, default=SKIP)
 
 
 def as_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
@@ -432,7 +436,7 @@ def _names(names: Sequence[str], shown: int = 6) -> str:
 
 def prometheus_text(findings: Sequence[Finding], *, duration: float, now: float) -> str:
     """node_exporter textfile format: one gauge sample per check and subject (its worst status)."""
-    worst_by: dict[tuple[str, str], str] = {}
+    worst_by: dict[tuple[str, str], Status] = {}
     for f in findings:
         key = (f.check, f.subject)
         worst_by[key] = worst([f, Finding(worst_by[key], "", "")]) if key in worst_by else f.status

@@ -47,23 +47,6 @@ HOST_SHUTDOWN_NOTE = (
 # --- the unit contract: units.py renders TimeoutStopSec=/TimeoutStartSec= from the same numbers --
 
 
-def effective_policies(config: Config) -> list[dict[str, object]]:
-    """Each configured guest's effective stop and start settings, in start order (for status)."""
-    return [
-        {
-            "guest": guest.name,
-            "unit": unit_name(guest.name),
-            "order": guest.policy.order,
-            "start_delay": format_timespan(guest.policy.start_delay),
-            "stop_timeout": format_timespan(guest.policy.stop_timeout),
-            "stop_timeout_usec": guest.policy.stop_timeout,
-            "on_timeout": guest.policy.on_timeout,
-            "unit_stop_timeout": format_timespan(units.stop_timeout_usec(guest)),
-        }
-        for guest in config.guests
-    ]
-
-
 def unit_name(guest: str) -> str:
     """luksvm-guest@GUEST.service, GUEST escaped as `systemd-escape` does."""
     return units.guest_unit(guest)

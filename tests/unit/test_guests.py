@@ -155,16 +155,6 @@ def test_unit_timeouts_cover_what_guest_start_and_stop_may_wait() -> None:
     assert guests.POLICY_SECONDS["destroy"] >= 30  # destroy, then the wait for shut off
 
 
-def test_effective_policies_for_status(cfg: config.Config) -> None:
-    table = {row["guest"]: row for row in guests.effective_policies(cfg)}
-    assert [row["guest"] for row in guests.effective_policies(cfg)] == ["mail", "db", "web"]
-    assert table["web"]["on_timeout"] == "managedsave"
-    assert table["web"]["stop_timeout"] == "10s"
-    assert table["db"]["start_delay"] == "5s"
-    assert table["mail"]["unit_stop_timeout"] == "1min 10s"
-    assert table["mail"]["unit"] == "luksvm-guest@mail.service"
-
-
 def test_select_keeps_start_order_and_refuses_unknown(cfg: config.Config) -> None:
     assert guests.select(cfg, [], True) == ["mail", "db", "web"]
     assert guests.select(cfg, ["web", "mail"], False) == ["mail", "web"]

@@ -440,6 +440,15 @@ def _hash_counter(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return hashed
 
 
+def _one_backup(tmp_path: Path) -> tuple[Path, Path]:
+    """A LUKS2 image configured as cr_test, backed up once: (its backup folder, the backup)."""
+    image = make_luks(tmp_path / "disk.img", KEY)
+    directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    (file,) = backups_of(directory)
+    return directory, file
+
+
 def _doctor_says(root: Path) -> tuple[str, str]:
     from luksvm import doctor
 
@@ -455,10 +464,7 @@ def _doctor_says(root: Path) -> tuple[str, str]:
 def test_an_unchanged_backup_file_is_not_hashed_again_a_tampered_one_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image = make_luks(tmp_path / "disk.img", KEY)
-    directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
-    assert main(["--root", str(tmp_path), "header-backup"]) == 0
-    (file,) = backups_of(directory)
+    directory, file = _one_backup(tmp_path)
     record = json.loads(Path(f"{file}.json").read_text())
     assert record["file_stamp"]["size"] == file.stat().st_size == 16 << 20
     assert record["file_stamp"]["ctime_ns"] == file.stat().st_ctime_ns
@@ -491,10 +497,7 @@ def test_what_the_stamp_cannot_see_is_found_by_the_periodic_full_hash(
     """A change beneath the filesystem (bit rot, a write to the raw disk) leaves the stamp as it
     was: doctor finds it once the last full hash is older than [backup] max_age, header-backup
     once it is older than REHASH_AFTER (a week)."""
-    image = make_luks(tmp_path / "disk.img", KEY)
-    directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
-    assert main(["--root", str(tmp_path), "header-backup"]) == 0
-    (file,) = backups_of(directory)
+    directory, file = _one_backup(tmp_path)
     record_path = Path(f"{file}.json")
     with open(file, "r+b") as f:
         f.seek(1 << 20)
@@ -520,10 +523,7 @@ def test_what_the_stamp_cannot_see_is_found_by_the_periodic_full_hash(
 def test_a_record_without_a_stamp_is_hashed_and_header_backup_adds_the_stamp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image = make_luks(tmp_path / "disk.img", KEY)
-    directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
-    assert main(["--root", str(tmp_path), "header-backup"]) == 0
-    (file,) = backups_of(directory)
+    directory, file = _one_backup(tmp_path)
     record_path = Path(f"{file}.json")
     old = json.loads(record_path.read_text())
     del old["file_stamp"], old["file_hashed"]  # as luksvm wrote records before

@@ -2,7 +2,10 @@
 guests, each with a header backup), side by side in one run with the bare commands that give the
 same facts, run one after another (what a shell script checking the same things would do).
 
-    .venv/bin/python bench/doctor_bench.py [--volumes 10,50,200] [--runs 5]
+    .venv/bin/python bench/doctor_bench.py [--volumes 10,50,200] [--runs 5] [--before DIR]
+
+--before DIR also times the luksvm package in DIR (e.g. `git archive REV luksvm | tar -x -C DIR`)
+on the same volumes, alternating with the others.
 
 Image files are sparse LUKS2 containers (default 16 MiB header area) with a fast KDF; nothing is
 opened or activated. Each size is set up, measured (doctor and the bare commands alternating) and
@@ -110,11 +113,20 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--volumes", default="10,50,200")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--before", metavar="DIR", help="a tree with an earlier luksvm package")
     args = parser.parse_args()
+    earlier = [
+        sys.executable,
+        "-c",
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); from luksvm.cli import main; "
+        "sys.exit(main(sys.argv[1:]))",
+        str(args.before),
+    ]
     os.environ.setdefault("LVM_SUPPRESS_FD_WARNINGS", "1")
     print(f"{os.cpu_count()} CPUs; medians of {args.runs} runs, doctor and bare alternating")
     print(
-        f"{'volumes':>7} {'guests':>6}  {'doctor':>8} {'bare':>8} {'bare+sha256sum':>14}"
+        f"{'volumes':>7} {'guests':>6}  {'doctor':>8} {'before':>8} {'bare':>8} "
+        f"{'bare+sha256sum':>14}"
         f"  {'load 1/5/15 before → after'}"
     )
     for volumes in (int(v) for v in args.volumes.split(",")):
@@ -124,9 +136,11 @@ def main() -> int:
             root = make_root(base, volumes, guests)
             doctor_argv = [LUKSVM, "--root", str(root), "doctor", "--json"]
             before = load()
-            doctor, bare, hashing = [], [], []
+            doctor, before_runs, bare, hashing = [], [], [], []
             for _ in range(args.runs):
                 doctor.append(timed([doctor_argv]))
+                if args.before:
+                    before_runs.append(timed([[*earlier, *doctor_argv[1:]]]))
                 bare.append(timed(bare_commands(base, volumes)))
                 hashing.append(timed(hash_backups(base)))
             after = load()
@@ -134,7 +148,8 @@ def main() -> int:
             statuses = collections.Counter(f["status"] for f in json.loads(found.stdout))
         print(
             f"{volumes:>7} {guests:>6}  {statistics.median(doctor):>7.2f}s "
-            f"{statistics.median(bare):>7.2f}s "
+            + (f"{statistics.median(before_runs):>7.2f}s " if before_runs else f"{'-':>8} ")
+            + f"{statistics.median(bare):>7.2f}s "
             f"{statistics.median(bare) + statistics.median(hashing):>13.2f}s  {before} → {after}"
             f"  (findings: {dict(sorted(statuses.items()))})",
             flush=True,

@@ -572,7 +572,7 @@ def _write_backup(volume: Volume, directory: str, moment: datetime) -> Backup:
         "luks_version": live.version,
         "created": iso(moment),
     }
-    written = FileStamp.of(final)  # after the link, which changed its ctime
+    written = FileStamp.of(final)  # after the link and the unlink, which changed its ctime
     write_record(backup, fields, Record(file_sha256, before[0], before[1], written, moment))
     files.fsync(directory)
     log.info(

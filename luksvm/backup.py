@@ -217,19 +217,17 @@ def read_record(backup: Backup) -> Record | None:
     try:
         with open(backup.record_path, encoding="utf-8") as f:
             data = json.load(f)
-        stamp, hashed = None, None
-        if isinstance(data.get("file_stamp"), dict) and data.get("file_hashed"):
-            stamp = FileStamp(**{k: int(v) for k, v in data["file_stamp"].items()})
-            hashed = datetime.fromisoformat(str(data["file_hashed"]).replace("Z", "+00:00"))
-        return Record(
-            str(data["file_sha256"]),
-            int(data["metadata_bytes"]),
-            str(data["metadata_sha256"]),
-            stamp,
-            hashed,
+        record = Record(
+            str(data["file_sha256"]), int(data["metadata_bytes"]), str(data["metadata_sha256"])
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:  # a stamp that does not read only costs a full hash
+        stamp = FileStamp(**{k: int(v) for k, v in data["file_stamp"].items()})
+        hashed = datetime.fromisoformat(str(data["file_hashed"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return record
+    return dataclasses.replace(record, stamp=stamp, hashed=hashed)
 
 
 def write_record(backup: Backup, fields: dict[str, object], record: Record) -> None:

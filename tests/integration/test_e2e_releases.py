@@ -30,12 +30,11 @@ def test_stack_tests_run_on_every_release_the_rest_on_bookworm_only() -> None:
     trixie = [t for t in both if t.endswith("[trixie]")]
     bookworm = [t for t in both if t.endswith("[bookworm]")]
     stack = {"test_boot", "test_guests", "test_guest_vg_leak", "test_doctor"}
-    assert {t.split("::")[0].removeprefix("tests/e2e/").removesuffix(".py") for t in trixie} == (
-        stack | {"test_libvirt_auto_shutdown"}
-    )
+    assert {
+        t.split("::")[0].removeprefix("tests/e2e/").removesuffix(".py") for t in trixie
+    } == stack
     bookworm_files = {t.split("::")[0] for t in bookworm}
     assert "tests/e2e/test_shrink.py" in bookworm_files
-    assert "tests/e2e/test_libvirt_auto_shutdown.py" not in bookworm_files
     only_trixie = collected("trixie")
     assert {t for t in only_trixie if t.endswith("[trixie]")} == set(trixie)
     assert not [t for t in only_trixie if t.endswith("[bookworm]")]

@@ -163,7 +163,7 @@ def test_scriptlets_preset_timers_and_target_and_never_stop_the_target(
     built: Built, tmp_path: Path
 ) -> None:
     script = scriptlets(built)
-    timers = ["luksvm-header-backup.timer", "luksvm-trim.timer", "luksvm-doctor.timer"]
+    timers = ["luksvm-header-backup.timer", "luksvm-trim.timer", "luksvm-metrics.timer"]
     # install ($1=1 in %post), upgrade (2 / 1 in %preun, %postun), removal (0).
     assert run_scriptlet(script["post"], 1, tmp_path) == [
         ["--no-reload", "preset", "luksvm.target", *timers]

@@ -94,9 +94,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.prometheus:
         # Two writers of luksvm.prom would be duplicate series: metrics is the only one.
         raise UsageError(
-            f"luksvm doctor --prometheus is gone: luksvm.prom has one writer now; run "
-            f"`luksvm metrics --textfile {shlex.quote(args.prometheus)}` (it includes doctor's "
-            "luksvm_doctor_status), or enable luksvm-metrics.timer"
+            "luksvm doctor --prometheus is gone: luksvm.prom has one writer now, luksvm metrics "
+            "(its luksvm_doctor_status holds doctor's results)",
+            fix=f"luksvm metrics --textfile {shlex.quote(args.prometheus)}, or systemctl enable "
+            "--now luksvm-metrics.timer",
         )
     report = doctor.doctor(args.root, args.checks)
     if args.json:

@@ -435,6 +435,7 @@ def write_textfile(path: str, text: str) -> None:
             why = error.strerror or str(error)
     if why:
         raise LuksvmError(
-            f"cannot write {path}: {why}; give the directory node_exporter's "
-            "--collector.textfile.directory reads (Debian: /var/lib/prometheus/node-exporter)"
+            f"cannot write {path}: {why}",
+            fix="give the directory node_exporter's --collector.textfile.directory reads "
+            "(Debian: /var/lib/prometheus/node-exporter)",
         )

@@ -326,12 +326,20 @@ def test_role_sets_up_from_variables_then_changes_nothing_and_check_mode_shows_t
              "guests": ["web"]},
         ],
     }  # fmt: skip
+    # The wheel's version is the installed luksvm's: copied, and not installed again.
+    wheel = tmp_path / f"luksvm-{__version__}-py3-none-any.whl"
+    wheel.write_bytes(b"not installed: the version matches")
+    variables["luksvm_package"] = str(wheel)
+    variables["luksvm_package_dir"] = str(tmp_path / "packages")
+    variables["luksvm_wheel_dependencies"] = []
     first = play(tmp_path, variables)
     assert first.returncode == 0, first.stdout + first.stderr
     assert recap(first)["changed"] >= 3
     assert (root / "etc/luksvm/crypttab.d/50-cr_mail.conf").is_file()
     assert (root / "etc/systemd/system/luksvm.target.wants/luksvm-guest@mail.service").is_symlink()
     assert "stop_timeout = 3min" in (root / "etc/luksvm/luksvm.conf").read_text()
+    assert (tmp_path / "packages" / wheel.name).read_bytes() == wheel.read_bytes()
+    assert re.search(r"TASK \[luksvm.host.luksvm : Install the wheel\] \*+\nskipping", first.stdout)
     before = tree(root)
     second = play(tmp_path, variables)
     assert recap(second)["changed"] == 0, second.stdout

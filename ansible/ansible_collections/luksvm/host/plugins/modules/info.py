@@ -101,6 +101,8 @@ def main():
     # A luksvm without the keys command exits 64 (usage); any other failure fails the task.
     rc, out, err = cli.run(["keys", "--json"], ok=(0, 1, 2, 64))
     facts["keys"] = None
+    if rc == 64 and "invalid choice: 'keys'" not in err:
+        module.fail_json(msg="luksvm keys --json failed (exit 64): %s" % err.strip(), stderr=err)
     if rc != 64:
         try:
             facts["keys"] = json.loads(out)

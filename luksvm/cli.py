@@ -7,11 +7,15 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import Any, Callable, NoReturn
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from luksvm import __version__, journal
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
+
+if TYPE_CHECKING:
+    from luksvm import guests
+    from luksvm.config import Config
 
 log = logging.getLogger("luksvm")
 
@@ -41,13 +45,25 @@ def print_table(rows: Sequence[Sequence[str]]) -> None:
 # --- commands: each handler imports what it needs, so `luksvm --help` stays light -------------
 
 
+def option_warnings(cfg: Config) -> tuple[int | None, list[str]]:
+    """The installed systemd's version and the options it would ignore, each printed once."""
+    from luksvm import config, crypttab_options
+
+    version = crypttab_options.installed_systemd_version(cfg.root)
+    warnings = [str(w) for w in config.option_warnings(cfg, version)]
+    for warning in warnings:
+        print(f"luksvm: warning: {warning}", file=sys.stderr)
+    return version, warnings
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from luksvm import config
 
     cfg = config.load(args.root)
     data = config.describe(cfg)
+    version, warnings = option_warnings(cfg)
     if args.json:
-        print_json(data)
+        print_json({**data, "systemd_version": version, "warnings": warnings})
         return EXIT_OK
     volumes: list[dict[str, Any]] = data["volumes"]  # type: ignore[assignment]
     guests: list[dict[str, Any]] = data["guests"]  # type: ignore[assignment]
@@ -220,11 +236,24 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
         return EXIT_OK
-    if through_units:
-        guests.start_through_units(cfg, names)
-    else:
-        guests.start_directly(cfg, names)
+    steps = guests.start_through_units if through_units else guests.start_directly
+    for step in steps(cfg, names):
+        print(_progress_line(step), flush=True)
     return EXIT_OK
+
+
+def _progress_line(step: guests.Progress | guests.Stopped) -> str:
+    """How `luksvm start|stop` tells a step (before a command runs, or once a guest is done)."""
+    from luksvm import guests
+
+    if isinstance(step, guests.Stopped):
+        if step.how == "not-running":
+            return f"{step.guest}: not running"
+        return f"{step.guest}: {step.how} after {step.seconds:.1f} s"
+    if step.argv:
+        command = shlex.join(step.argv)
+        return f"{step.guest}: {command}" if step.guest else command
+    return f"{step.guest}: {step.action}"
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -237,15 +266,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
         return EXIT_OK
     if through_units:
-        stopped = guests.stop_through_units(cfg, names)
+        steps: Iterable[guests.Progress | guests.Stopped] = guests.stop_through_units(cfg, names)
     else:
-        stopped = guests.stop_guests(cfg, names, guests.connector(cfg))
-    for done in stopped:
-        print(
-            f"{done.guest}: not running"
-            if done.how == "not-running"
-            else f"{done.guest}: {done.how} after {done.seconds:.1f} s"
-        )
+        steps = guests.stop_guests(cfg, names, guests.connector(cfg))
+    for step in steps:
+        print(_progress_line(step), flush=True)
     return EXIT_OK
 
 
@@ -391,6 +416,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from luksvm import apply, config, guests
 
     cfg = config.load(args.root)
+    option_warnings(cfg)
     plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)

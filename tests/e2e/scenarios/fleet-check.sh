@@ -1,7 +1,9 @@
 # Many hosts, second boot: the guests came up by themselves; the same playbook changes nothing;
 # check mode with a changed variable shows the diff and changes nothing; node_exporter serves
 # luksvm's metrics (with the last shutdown's destroyed guests) over loopback HTTP.
+# pipelining: one process per task, without copying, chmod-ing and removing a module file
 export ANSIBLE_NOCOLOR=1 ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false
+export ANSIBLE_PIPELINING=1
 package=$(ls "$E2E_IN"/luksvm-*.whl)
 guests_running() {
     [ "$(virsh -q -c qemu:///system list --state-running --name | sed '/^$/d' | wc -l)" -eq 2 ]

@@ -5,7 +5,9 @@
 step galaxy-install ansible-galaxy collection install -p /usr/share/ansible/collections \
     "$E2E_IN"/luksvm-host-*.tar.gz
 package=$(ls "$E2E_IN"/luksvm-*.whl)
+# pipelining: one process per task, without copying, chmod-ing and removing a module file
 export ANSIBLE_NOCOLOR=1 ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false
+export ANSIBLE_PIPELINING=1
 step first-run ansible-playbook -i localhost, -c local -e "@$E2E_IN/vars.json" \
     -e "luksvm_package=$package" "$E2E_IN/site.yml" > first-run.txt 2>&1 || {
     cat first-run.txt

@@ -27,6 +27,7 @@ MESSAGE_IDS = {
     "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
     "header-backup-failed": "efd693e08b614030b418950fe381b1ae",
     "guest-trimmed": "2768f3cfb2a043d6acf9e6cfa6593bb2",
+    "volume-grown": "965931c84545415299954d547d021dec",
 }
 
 log = logging.getLogger("luksvm")

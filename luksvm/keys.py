@@ -17,7 +17,7 @@ import getpass
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from luksvm import cryptsetup
@@ -150,6 +150,10 @@ class Key:
         """The cryptsetup options that hand this key over: `--token-only`, or `--key-file=-`
         with `stdin` on the command's standard input."""
         return ("--token-only",) if self.token_only else ("--key-file=-",)
+
+    def command(self, argv: Sequence[str]) -> tuple[str, ...]:
+        """`argv` written for a key on stdin (`--key-file=-`), with this key's options instead."""
+        return tuple(x for a in argv for x in (self.options() if a == "--key-file=-" else (a,)))
 
     @property
     def stdin(self) -> bytes | None:

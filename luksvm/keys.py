@@ -209,6 +209,13 @@ def obtain_key(
             fix="give a key that does with --key-file FILE (or --key-file - on standard input), "
             "or run luksvm in a terminal to be asked",
         )
+    if new:  # a new container: its key is the configured one (migrate's --key) or a passphrase
+        raise LuksvmError(
+            f"{step} needs the key of {name}: it is to be asked as a passphrase, and there is no "
+            "terminal to ask on; nothing was changed",
+            fix="give a keyfile or keyring: key instead (--key), or run luksvm in a terminal "
+            "(ssh -t HOST …)",
+        )
     raise LuksvmError(
         f"{step} needs the key of {name}: no LUKS2 token opens it, no key is configured for it, "
         "no --key-file was given, and there is no terminal to ask on; nothing was changed",

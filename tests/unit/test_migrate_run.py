@@ -415,7 +415,11 @@ def test_without_a_terminal_it_refuses_naming_the_step_before_the_lv_is_created(
     with pytest.raises(LuksvmError) as caught:
         migrate.migrate(REQUEST, context(world, answers=[]))
     assert caught.value.message.startswith("step format (")
-    assert "needs the key of cr_mail" in caught.value.message
+    assert (
+        "needs the key of cr_mail: it is to be asked as a passphrase, and there is no terminal"
+        in (caught.value.message)
+    )
+    assert caught.value.fix.startswith("give a keyfile or keyring: key instead (--key)")
     assert not world.commands("lvcreate") and not world.formatted
 
 

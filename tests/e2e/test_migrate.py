@@ -112,7 +112,9 @@ def check_after_reboot(work: BootResult, after: BootResult) -> None:
     assert after.text("plain-mapping.sha256") == work.text("plain-image.sha256")
 
     # refused while plain ran; after `virsh destroy` its guest unit stayed active (RemainAfterExit)
-    assert "luksvm-guest@plain.service require it and are active" in after.text("lock-running.err")
+    assert 'cannot lock cr_plain: still held by QEMU of guest "plain"' in after.text(
+        "lock-running.err"
+    )
     assert "guest plain is running; shut it off first" in after.text("rollback-running.err")
     assert after.text("plain.guest-unit-after-destroy") == "active"
     assert (

@@ -188,15 +188,11 @@ def test_cli_over_a_root_with_images_exits_with_the_worst_status(
     root = write_config(
         tmp_path / "root", {"10.conf": f"cr_a {image} - luks\ncr_b {tmp_path}/none - luks\n"}
     )
-    prom = tmp_path / "doctor.prom"
-    code = main(["--root", str(root), "doctor", "--prometheus", str(prom), "luks", "recovery-key"])
+    code = main(["--root", str(root), "doctor", "luks", "recovery-key"])
     out = capsys.readouterr().out
     assert code == 2
     assert out.splitlines()[0].startswith("FAIL  luks")
     assert f"FAIL cr_b: source {tmp_path}/none does not exist" in out
-    text = prom.read_text()
-    assert 'luksvm_doctor_status{check="luks",subject="cr_b"} 2' in text
-    assert 'luksvm_doctor_status{check="recovery-key",subject="cr_a"} 1' in text
 
 
 def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> None:
@@ -345,3 +341,35 @@ def test_keyring_keys_resolve_only_through_the_configured_backend(
     assert "holds no secret for service 'luksvm' user 'cr_b'" in by(findings, "cr_b").message
     assert by(findings, "cr_b").fix.startswith("store it with: ")
     assert all("s3cret-key" not in f.message + f.fix for f in findings)
+
+
+def test_every_check_together_reads_each_header_with_one_cryptsetup_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from luksvm import backup, config, cryptsetup
+
+    images = [make_luks(tmp_path / f"v{n}.img", b"pw") for n in range(3)]
+    root = write_config(
+        tmp_path / "root",
+        {"10.conf": "".join(f"cr_v{n} {image} - luks\n" for n, image in enumerate(images))},
+        "[backup]\ndir = /var/lib/luksvm/header-backups\n",
+    )
+    for volume in config.load(str(root)).volumes:
+        folder = root / "var/lib/luksvm/header-backups" / volume.name
+        folder.mkdir(parents=True)
+        backup.backup_volume(volume, str(folder), keep=5)
+    ran: list[tuple[str, ...]] = []
+    real_run = cryptsetup.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        ran.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cryptsetup, "run", recording_run)
+    findings = doctor.run_checks(Host(str(root)), doctor.select([]))
+    assert {f.subject: f.status for f in findings if f.check == "header-backup"} == {
+        f"cr_v{n}": OK for n in range(3)
+    }
+    assert sorted(ran) == [
+        ("cryptsetup", "luksDump", "--dump-json-metadata", str(image)) for image in images
+    ]

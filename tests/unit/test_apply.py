@@ -55,6 +55,8 @@ def test_first_apply_writes_templates_dropins_and_links(
         "luksvm-guest@web.service.d/50-luksvm.conf",
         "luksvm-header-backup.service",
         "luksvm-header-backup.timer",
+        "luksvm-metrics.service",
+        "luksvm-metrics.timer",
         "luksvm-trim.service",
         "luksvm-trim.timer",
         "luksvm-unlock@.service",
@@ -70,10 +72,11 @@ def test_first_apply_writes_templates_dropins_and_links(
         "-> /etc/systemd/system/luksvm-guest@.service"
     )
     assert (
-        "ExecStart=/opt/luksvm/bin/luksvm unlock --no-start %I" in files["luksvm-unlock@.service"]
+        "ExecStart=/opt/luksvm/bin/luksvm unlock --no-start -- %I"
+        in files["luksvm-unlock@.service"]
     )
     assert "ExecStart=/opt/luksvm/bin/luksvm header-backup" in files["luksvm-header-backup.service"]
-    assert "changed: 11 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "changed: 13 files written, 4 links made, 0 removed; 0 up to date" in out
 
 
 def test_second_apply_changes_nothing_and_says_so(
@@ -83,7 +86,7 @@ def test_second_apply_changes_nothing_and_says_so(
     before = {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     manifest = (seed_root / apply.MANIFEST).stat().st_mtime_ns
     code, out, err = run_apply(seed_root, capsys)
-    assert (code, out, err) == (0, "nothing to change: 15 unit files and links up to date\n", "")
+    assert (code, out, err) == (0, "nothing to change: 17 unit files and links up to date\n", "")
     assert before == {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     assert (seed_root / apply.MANIFEST).stat().st_mtime_ns == manifest
 
@@ -117,7 +120,7 @@ def test_files_the_config_no_longer_asks_for_are_removed_and_foreign_ones_kept(
     assert (
         "removed " + str(seed_root / UNIT_DIR / "luksvm-guest@web.service.d/50-luksvm.conf") in out
     )
-    assert "changed: 0 files written, 0 links made, 4 removed; 11 up to date" in out
+    assert "changed: 0 files written, 0 links made, 4 removed; 13 up to date" in out
 
 
 def test_a_stale_file_edited_by_hand_is_left_with_a_warning(
@@ -172,7 +175,7 @@ def test_dry_run_prints_and_writes_nothing(
         f"would link {unit_dir}/luksvm.target.wants/luksvm-guest@web.service -> "
         "/etc/systemd/system/luksvm-guest@.service" in out
     )
-    assert "would change: 11 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "would change: 13 files written, 4 links made, 0 removed; 0 up to date" in out
 
 
 def test_diff_shows_what_a_config_change_changes(
@@ -207,7 +210,7 @@ def test_packaged_templates_are_used_and_copies_from_an_earlier_apply_removed(
     assert files["luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "-> /usr/lib/systemd/system/luksvm-unlock@.service"
     )
-    assert "changed: 0 files written, 4 links made, 7 removed; 4 up to date" in out
+    assert "changed: 0 files written, 4 links made, 9 removed; 4 up to date" in out
 
 
 def test_manifest_lists_what_apply_wrote(
@@ -215,7 +218,7 @@ def test_manifest_lists_what_apply_wrote(
 ) -> None:
     run_apply(seed_root, capsys)
     manifest = json.loads((seed_root / apply.MANIFEST).read_text())
-    assert len(manifest["files"]) == 11
+    assert len(manifest["files"]) == 13
     assert manifest["links"][f"{UNIT_DIR}/luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "/etc/systemd/system/luksvm-unlock@.service"
     )
@@ -259,3 +262,44 @@ def test_the_units_run_the_luksvm_that_runs_apply(
     executable.chmod(0o755)
     monkeypatch.setattr(sys, "argv", [str(executable), "apply"])
     assert apply.luksvm_path() == str(executable)
+
+
+def test_apply_flushes_what_it_wrote_and_its_directories_not_the_machine(
+    seed_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_sync() -> None:
+        raise AssertionError("os.sync() flushes every filesystem of the machine")
+
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "sync", no_sync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    run_apply(seed_root, capsys)
+    unit_dir = seed_root / UNIT_DIR
+    written = {
+        str(unit_dir / p) for p, text in tree(seed_root).items() if not text.startswith("-> ")
+    }
+    # each file under its hidden staging name, flushed before it was renamed into place
+    assert {
+        os.path.join(os.path.dirname(p), os.path.basename(p)[2:-7])
+        for p in flushed
+        if os.path.basename(p).startswith(".#")
+    } == written | {str(seed_root / apply.MANIFEST)}
+    directories = {p for p in flushed if not os.path.basename(p).startswith(".#")}
+    assert directories >= {
+        str(unit_dir),
+        str(unit_dir / "luksvm.target.wants"),  # the links' entries
+        str(unit_dir / "luksvm-guest@mail.service.d"),
+        str(seed_root / "etc/systemd"),  # new folders' names in their parents
+    }
+    assert all(os.path.isdir(p) for p in directories)
+    flushed.clear()
+    write_config(seed_root, {"10-seed.conf": SEED_WITHOUT_WEB})
+    run_apply(seed_root, capsys)  # removals: the directories they emptied or changed
+    assert str(unit_dir / "luksvm.target.wants") in flushed
+    assert str(unit_dir) in flushed  # the emptied luksvm-unlock@cr_web.service.d went from it

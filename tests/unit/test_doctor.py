@@ -132,29 +132,6 @@ def test_report_has_one_line_per_healthy_check_and_prints_a_shared_fix_once() ->
     assert lines[-1] == "2 failed, 0 warnings, 2 ok, 0 skipped"
 
 
-def test_prometheus_text_has_one_sample_per_check_and_subject_with_the_worst_status() -> None:
-    findings = [
-        Finding(OK, "cr_a", "x", check="keys"),
-        Finding(WARN, "cr_a", "y", check="keys"),
-        Finding(SKIP, 'we"ird\\', "z", check="keys"),
-    ]
-    text = doctor.prometheus_text(findings, duration=0.5, now=1700000000.0)
-    assert 'luksvm_doctor_status{check="keys",subject="cr_a"} 1\n' in text
-    assert 'luksvm_doctor_status{check="keys",subject="we\\"ird\\\\"} -1\n' in text
-    assert text.count("luksvm_doctor_status{") == 2
-    assert "# TYPE luksvm_doctor_status gauge" in text
-    assert "luksvm_doctor_last_run_timestamp_seconds 1700000000.000" in text
-
-
-def test_prometheus_file_is_replaced_atomically(tmp_path: Path) -> None:
-    target = tmp_path / "luksvm.prom"
-    target.write_text("old\n")
-    doctor.write_textfile(str(target), "new\n")
-    assert target.read_text() == "new\n"
-    assert oct(target.stat().st_mode & 0o777) == "0o644"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["luksvm.prom"]
-
-
 def test_cli_json_lists_findings_and_exit_code_follows_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,11 +150,14 @@ def test_cli_unknown_check_exits_64(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "known checks: config" in capsys.readouterr().err
 
 
-def test_cli_writes_the_prometheus_file(tmp_path: Path) -> None:
+def test_doctor_prometheus_says_metrics_writes_the_textfile_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = seed(tmp_path, "cr_a /dev/x - luks\n")
     prom = tmp_path / "doctor.prom"
-    assert main(["--root", str(root), "doctor", "--prometheus", str(prom), "config"]) == 0
-    assert 'luksvm_doctor_status{check="config",subject="host"} 0' in prom.read_text()
+    assert main(["--root", str(root), "doctor", "--prometheus", str(prom), "config"]) == 64
+    assert f"luksvm metrics --textfile {prom}" in capsys.readouterr().err
+    assert not prom.exists()
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -313,6 +293,27 @@ def test_a_closed_mapping_the_filter_accepts_warns(tmp_path: Path, commands: Com
     assert finding.message.startswith("when unlocked, the host's LVM will scan")
     assert "/dev/dm-0" in finding.message  # the next free dm number in an empty /sys
     assert 'global_filter = [ "a|^/dev/sda2$|", "r|.*|" ]' in finding.fix
+
+
+def test_the_filter_fix_is_built_once_for_every_volume_it_applies_to(
+    tmp_path: Path, commands: Commands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = ""
+    for n in range(6):
+        dev = device(tmp_path, f"lv{n}")
+        commands.luks(dev, "luksDump-luks2-one-slot.txt", "luksDump-luks2-one-slot.json")
+        lines += f"cr_{n} {dev} - luks,x-luksvm.guest=g{n}\n"
+    commands.pvs([pv_row("/dev/sda2", "volgrp4")])
+    commands.lvm()
+    root = seed(tmp_path, lines)
+    built = []
+    monkeypatch.setattr(
+        doctor, "proposed_global_filter", lambda host: built.append(host) or "global_filter = []"
+    )
+    findings = run_check(FakeHost(str(root)), "guest-vg-leak")
+    assert [f.status for f in findings] == [WARN] * 6
+    assert {f.fix.splitlines()[1].strip() for f in findings} == {"global_filter = []"}
+    assert len(built) == 1  # was once per volume: O(volumes²) at 200 volumes
 
 
 def test_the_proposed_filter_hides_the_open_mapping(tmp_path: Path, commands: Commands) -> None:
@@ -571,6 +572,30 @@ def test_units_never_applied_then_in_sync_then_out_of_sync(
     )
     assert by(findings, "web").status == WARN
     assert by(findings, "cr_a").status == OK
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("enabled-runtime", OK),
+        ("alias", OK),
+        ("linked", FAIL),
+        ("masked", FAIL),
+        ("transient", FAIL),
+    ],
+)
+def test_target_counts_as_enabled_exactly_when_systemctl_is_enabled_says_so(
+    tmp_path: Path, commands: Commands, state: str, status: str
+) -> None:
+    root = seed(tmp_path, "cr_a /dev/a - luks,x-luksvm.guest=mail\n")
+    commands.unit_files(
+        str(root), TARGET_ENABLED.replace('"state":"enabled"', f'"state":"{state}"')
+    )
+    target = by(run_check(Host(str(root)), "units"), "luksvm.target")
+    assert (target.status, target.message.startswith(f"luksvm.target is {state}")) == (
+        status,
+        status == FAIL,
+    )
 
 
 def show_block(unit: str, **properties: str) -> str:

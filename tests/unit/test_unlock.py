@@ -82,7 +82,7 @@ def test_keyring_volume_opens_with_the_key_on_stdin() -> None:
         "luks",
         "--allow-discards",
         "--key-file=-",
-        "/dev/disk/by-uuid/abc",
+        "/dev/disk/by-uuid/ABC",
         "cr_web",
     )
     assert step.key_from_keyring and not step.interactive
@@ -556,3 +556,10 @@ def test_lock_asks_libvirt_nothing_when_no_guest_unit_is_active(
 
     plan = unlock._through_unit(volume(IMAP), CLOSE, states)
     assert plan.commands() == ["systemctl stop luksvm-unlock@cr_imap_encr.service"]
+
+
+def test_keyring_volume_with_a_token_option_does_not_blame_a_missing_systemd_cryptsetup() -> None:
+    vol = volume("cr_web UUID=ABC keyring:luksvm/cr_web luks,tpm2-device=auto")
+    plan = unlock_plan(vol, probe(systemd_cryptsetup="/lib/systemd/systemd-cryptsetup"))
+    assert "cannot be used with a keyring: key" in plan.refusal
+    assert "lacks" not in plan.refusal

@@ -39,6 +39,15 @@ TOKEN_OPTIONS = frozenset({"tpm2-device", "fido2-device", "pkcs11-uri"})
 LUKSVM_PREFIX = "x-luksvm."
 LUKSVM_OPTIONS = {"guest": "a libvirt guest (domain) whose disk this volume is; repeat per guest"}
 
+# --- unattended keys (issue 16): luksvm's own options for them, parsed apart from the rest ------
+UNATTENDED_OPTIONS = {
+    "tang": "the volume has a Tang (clevis) key: unlock tries it, after network-online.target",
+    "unattended-timeout": "bound on each unattended unlock attempt; overrides [keys] "
+    "unattended_timeout",
+}
+LUKSVM_OPTIONS.update(UNATTENDED_OPTIONS)
+UNATTENDED_TIMEOUT = 30_000_000  # microseconds: [keys] unattended_timeout's default
+
 SOURCE_TAGS = {
     "UUID": "by-uuid",
     "PARTUUID": "by-partuuid",
@@ -109,6 +118,8 @@ class Volume:
     options: tuple[str, ...]  # standard crypttab options, verbatim and in order
     guests: tuple[str, ...]
     where: Location
+    tang: bool = False  # x-luksvm.tang
+    unattended_timeout: int | None = None  # x-luksvm.unattended-timeout=, microseconds
 
     @property
     def mapper_path(self) -> str:
@@ -164,6 +175,7 @@ class Settings:
     backup_keep: int = 5
     backup_max_age: int = 30 * 86400 * 1_000_000
     keyring_backend: str = ""
+    unattended_timeout: int = UNATTENDED_TIMEOUT  # [keys] unattended_timeout, microseconds
 
     def policy_for(self, guest: str) -> GuestPolicy:
         return dict(self.guest_overrides).get(guest, self.guests)
@@ -254,6 +266,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "backend",
         "python keyring backend for keyring: keys, e.g. keyrings.alt.file.PlaintextKeyring; "
         "system units have no session bus, so the default backend cannot work there",
+    ),
+    SettingSpec(
+        "keys",
+        "unattended_timeout",
+        "30s",
+        "duration",
+        "bound on each unattended unlock attempt (TPM2, Tang, keyfile/keyring) at boot; per "
+        "volume: x-luksvm.unattended-timeout=",
     ),
 )
 
@@ -398,6 +418,7 @@ def _settings_from(values: dict[tuple[str, str], str | int]) -> Settings:
         backup_keep=int(get("backup", "keep", base.backup_keep)),
         backup_max_age=int(get("backup", "max_age", base.backup_max_age)),
         keyring_backend=str(get("keys", "keyring_backend", base.keyring_backend)),
+        unattended_timeout=int(get("keys", "unattended_timeout", base.unattended_timeout)),
     )
 
 
@@ -483,6 +504,8 @@ def _parse_options(
         name, sep, value = option.text.partition("=")
         if not option.text:
             problems.append(Problem(here, "empty option (two commas in a row?)"))
+        elif name[len(LUKSVM_PREFIX) :] in UNATTENDED_OPTIONS and name.startswith(LUKSVM_PREFIX):
+            pass  # parse_unattended() reads these
         elif name.startswith(LUKSVM_PREFIX):
             ours = name[len(LUKSVM_PREFIX) :]
             if ours not in LUKSVM_OPTIONS:
@@ -530,6 +553,31 @@ def _parse_options(
     return tuple(options), tuple(guests)
 
 
+def parse_unattended(
+    token: _Token, path: str, lineno: int, problems: list[Problem]
+) -> tuple[bool, int | None]:
+    """x-luksvm.tang (a flag) and x-luksvm.unattended-timeout=DURATION from an options field."""
+    tang, timeout = False, None
+    for option in _tokens(token.text, token.column, ","):
+        name, sep, value = option.text.partition("=")
+        here = Location(path, lineno, option.column)
+        if name == LUKSVM_PREFIX + "tang":
+            if sep:
+                problems.append(Problem(here, f"{option.text!r}: {name} takes no value"))
+            tang = True
+        elif name == LUKSVM_PREFIX + "unattended-timeout":
+            try:
+                timeout = parse_timespan(value) if sep else None
+            except ValueError as error:
+                problems.append(Problem(here, f"{name}: {error}"))
+                continue
+            if not timeout:
+                problems.append(
+                    Problem(here, f"{option.text!r}: expected {name}=DURATION above 0, e.g. 20s")
+                )
+    return tang, timeout
+
+
 def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
     volumes: list[Volume] = []
     problems: list[Problem] = []
@@ -572,7 +620,14 @@ def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
         guests: tuple[str, ...] = ()
         if len(fields) > 3:
             options, guests = _parse_options(fields[3], path, lineno, problems)
-        volumes.append(Volume(name.text, source.text, device or "", key, options, guests, first))
+        tang, timeout = (
+            parse_unattended(fields[3], path, lineno, problems)
+            if len(fields) > 3
+            else (False, None)
+        )
+        volumes.append(
+            Volume(name.text, source.text, device or "", key, options, guests, first, tang, timeout)
+        )
     return volumes, problems
 
 

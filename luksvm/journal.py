@@ -25,6 +25,10 @@ MESSAGE_IDS = {
     "guest-timeout": "e4a6c8e0b2d44f6a8c0e2b4d6f8a0c2e",
     "guest-start-refused": "50f7e0f532e64804b517c8081724a86c",
     "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
+    "key-enrolled": "984e7fff631a47e2bdf056ee2a61883f",
+    "key-removed": "9af8fb46b1f1441cb03332b8183f1270",
+    "backup-stale": "5c3ac3f058384d99a70846225e08f006",
+    "unlock-attempt-failed": "b78d0b12ce2845e28a2231caba460562",
 }
 
 log = logging.getLogger("luksvm")

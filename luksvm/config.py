@@ -46,6 +46,10 @@ UNATTENDED_OPTIONS = {
     "unattended_timeout",
 }
 LUKSVM_OPTIONS.update(UNATTENDED_OPTIONS)
+TOKEN_SOURCES = (("tpm2-device", "tpm2"), ("fido2-device", "fido2"), ("pkcs11-uri", "pkcs11"))
+# Options that make systemd-cryptsetup use a token: never given with a keyfile (with tpm2-device=
+# it reads a key file as a sealed TPM2 blob)
+TOKEN_OPTION_PREFIXES = ("tpm2-", "fido2-", "pkcs11-", "token-timeout")
 UNATTENDED_TIMEOUT = 30_000_000  # microseconds: [keys] unattended_timeout's default
 
 SOURCE_TAGS = {
@@ -143,8 +147,35 @@ class Volume:
         return self.has_flag("noauto")
 
     @property
+    def token_source(self) -> str:
+        """The token kind the options name (tpm2, fido2, pkcs11), "" for none."""
+        for option, kind in TOKEN_SOURCES:
+            if self.option(option) is not None:
+                return kind
+        return ""
+
+    @property
+    def unattended(self) -> bool:
+        """True when a token or Tang key unlocks it at boot (never a prompt: the key field is the
+        fallback, tried after them, and a failure fails the unit)."""
+        return bool(self.token_source) or self.tang
+
+    def unlock_sources(self) -> tuple[str, ...]:
+        """The sources an unattended unlock tries, in order: the token, Tang, the configured key."""
+        sources = [self.token_source] if self.token_source else []
+        if self.tang:
+            sources.append("tang")
+        if self.key.kind == "file":
+            sources.append("keyfile")
+        elif self.key.kind == "keyring":
+            sources.append("keyring")
+        return tuple(sources)
+
+    @property
     def interactive(self) -> bool:
         """True when unlocking may wait at a passphrase prompt."""
+        if self.unattended:
+            return False
         if self.key.kind != "ask":
             return False
         has_token = any(self.option(name) is not None for name in TOKEN_OPTIONS)

@@ -35,9 +35,15 @@ log = logging.getLogger("luksvm")
 
 
 def fields(
-    *, volume: str | None = None, guest: str | None = None, message_id: str | None = None
+    *,
+    volume: str | None = None,
+    guest: str | None = None,
+    message_id: str | None = None,
+    key_source: str | None = None,
 ) -> dict[str, str]:
     out = {}
+    if key_source is not None:
+        out["LUKSVM_KEY_SOURCE"] = key_source
     if volume is not None:
         out["LUKSVM_VOLUME"] = volume
     if guest is not None:

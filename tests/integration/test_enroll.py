@@ -288,3 +288,55 @@ def test_recovery_key_is_shown_once_on_the_terminal_and_opens_the_volume(
     assert child.exitstatus == 0
     assert [t["type"] for t in metadata(image)["tokens"].values()] == ["systemd-recovery"]  # type: ignore[attr-defined]
     assert tokens.key_slot(str(image), recovery) == 1
+
+
+def findings(root: Path, check: str) -> list[tuple[str, str]]:
+    from luksvm import doctor
+
+    found = doctor.run_checks(doctor.Host(str(root)), doctor.select([check]))
+    return [(f.status, f.message + " | " + f.fix) for f in found]
+
+
+def test_doctor_says_what_broke_and_whether_a_way_back_exists(
+    tmp_path: Path, swtpm: str, tang: Tang, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, image = host(tmp_path, f"luks,tpm2-device={swtpm}")
+    # configured for TPM2, but nothing enrolled yet: that attempt would fail at every boot
+    [(status, text)] = findings(root, "unattended-keys")[:1]
+    assert status == "FAIL" and "no tpm2 token" in text and "luksvm enroll cr_t --tpm2" in text
+
+    assert main(["--root", str(root), "enroll", "cr_t", "--tpm2", "--tpm2-device", swtpm]) == 0
+    assert main(["--root", str(root), "enroll", "cr_t", "--tang", tang.url,
+                 "--thumbprint", tang.thumbprint()]) == 0  # fmt: skip
+    found = findings(root, "unattended-keys")
+    assert [s for s, _ in found] == ["OK", "OK", "WARN"], found
+    assert "nothing but its unattended keys" in found[-1][1]  # the keyfile is one of them
+    assert "--recovery-key" in found[-1][1]
+
+    sh("cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+       "--key-file", str(root / "etc/luksvm/keys/t.key"), str(image), "-",
+       stdin=b"a passphrase kept offline")  # fmt: skip
+    tang.stop()
+    sh("tpm2_pcrextend", "-T", swtpm, "7:sha256=" + "cd" * 32)
+    found = findings(root, "unattended-keys")
+    assert [s for s, _ in found] == ["FAIL", "FAIL", "OK"], found
+    assert "PCRs changed" in found[0][1] and "did not answer" in found[1][1]
+    assert "keyslot(s) 3" in found[2][1]
+
+
+def test_doctor_names_stale_backups_until_they_are_pruned(
+    tmp_path: Path, swtpm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = host(tmp_path)
+    assert main(["--root", str(root), "enroll", "cr_t", "--tpm2", "--tpm2-device", swtpm]) == 0
+    # doctor reads the backup directory under its root, as it does on a mounted root
+    mirror = root / str(root / "backups").lstrip("/")
+    mirror.parent.mkdir(parents=True)
+    mirror.symlink_to(root / "backups")
+    assert [s for s, _ in findings(root, "stale-backups")] == ["OK"]
+    assert main(["--root", str(root), "enroll", "cr_t", "--remove", "tpm2"]) == 0
+    [(status, text)] = findings(root, "stale-backups")
+    assert status == "WARN" and "still hold a removed key" in text
+    assert "luksvm header-backup --prune-stale cr_t" in text
+    assert main(["--root", str(root), "header-backup", "--prune-stale", "cr_t"]) == 0
+    assert [s for s, _ in findings(root, "stale-backups")] == ["OK"]

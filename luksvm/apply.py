@@ -65,8 +65,9 @@ def luksvm_path() -> str:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return os.path.abspath(candidate)
     raise LuksvmError(
-        "cannot find the luksvm executable the units should run; install luksvm "
-        "(pip install . or the package) so that `luksvm` is on PATH, and run apply through it"
+        "cannot find the luksvm executable the units should run",
+        fix="install luksvm (pip install . or the package) so that `luksvm` is on PATH, and run "
+        "apply through it",
     )
 
 
@@ -77,7 +78,7 @@ def shipped_templates() -> dict[str, str]:
     for directory in (here / "unitfiles", here.parent / "units"):
         if all((directory / name).is_file() for name in units.TEMPLATES):
             return {name: (directory / name).read_text() for name in units.TEMPLATES}
-    raise LuksvmError(f"luksvm's template units are missing next to {here}; reinstall luksvm")
+    raise LuksvmError(f"luksvm's template units are missing next to {here}", fix="reinstall luksvm")
 
 
 def packaged_template_dir(root: str) -> str | None:
@@ -101,8 +102,8 @@ def _read_manifest(root: str) -> tuple[set[str], dict[str, str]]:
         return set(), {}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise LuksvmError(
-            f"{path}: unreadable ({error}); luksvm records there what apply wrote. Remove it "
-            "and run apply again (files it listed are then left in place)"
+            f"{path}: unreadable ({error}); luksvm records there what apply wrote",
+            fix="remove it and run apply again (files it listed are then left in place)",
         ) from None
 
 
@@ -164,8 +165,8 @@ def plan(config: Config, *, luksvm_path: str) -> Plan:
     if conflicts:
         raise LuksvmError(
             "refusing to replace what luksvm did not write (nothing changed):\n"
-            + "\n".join(conflicts)
-            + "\nmove these aside if luksvm should manage them, then run apply again"
+            + "\n".join(conflicts),
+            fix="move these aside if luksvm should manage them, then run apply again",
         )
 
     for path in sorted(old_files - wanted_files.keys()):

@@ -736,8 +736,7 @@ def units_applied(host: Host) -> Iterator[Finding]:
     try:
         plan = apply.plan(cfg, luksvm_path=apply.luksvm_path())
     except LuksvmError as error:
-        first, *rest = str(error).splitlines()
-        yield Finding.fail(HOST, " ".join([first, *rest[:-1]]), fix=rest[-1] if rest else "")
+        yield Finding.fail(HOST, " ".join(error.message.splitlines()), fix=error.fix)
         return
     if plan.changes and plan.unchanged == 0 and all(c.old is None for c in plan.changes):
         yield Finding.fail(
@@ -1306,8 +1305,7 @@ def keys_check(host: Host) -> Iterator[Finding]:
             try:
                 keys.check_keyfile(volume.name, path)  # what unlock refuses, doctor reports
             except LuksvmError as error:
-                message, fix = _message_and_fix(volume, error)
-                yield Finding.fail(volume.name, message, fix=fix)
+                yield Finding.fail(volume.name, _without_name(volume, error), fix=error.fix)
                 continue
             yield _keyfile_at_rest(host, volume, path)
         elif volume.key.kind == "keyring":
@@ -1316,13 +1314,10 @@ def keys_check(host: Host) -> Iterator[Finding]:
             yield Finding.ok(volume.name, "passphrase asked at unlock (nothing stored on the host)")
 
 
-def _message_and_fix(volume: Volume, error: LuksvmError) -> tuple[str, str]:
-    """keys' messages read "NAME: what; fix: how" (or "…; how"): split them into the two."""
-    text = str(error).removeprefix(f"{volume.name}: ")
-    what, separator, how = text.partition("; fix: ")
-    if not separator:
-        what, separator, how = text.rpartition("; ")
-    return (what, how) if separator else (text, "")
+def _without_name(volume: Volume, error: LuksvmError) -> str:
+    """keys' messages start with the volume's name, which a finding shows as its subject."""
+    prefix = f"{volume.name}: "
+    return error.message[len(prefix) :] if error.message.startswith(prefix) else error.message
 
 
 def _keyring_key(host: Host, volume: Volume) -> Finding:
@@ -1341,8 +1336,7 @@ def _keyring_key(host: Host, volume: Volume) -> Finding:
     try:
         keys.keyring_secret(volume, settings)  # the bytes are dropped at once
     except LuksvmError as error:
-        message, fix = _message_and_fix(volume, error)
-        return Finding.fail(volume.name, message, fix=fix)
+        return Finding.fail(volume.name, _without_name(volume, error), fix=error.fix)
     return Finding.ok(volume.name, f"{volume.key} resolves through {settings.keyring_backend}")
 
 

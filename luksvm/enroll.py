@@ -12,14 +12,11 @@ The current key authenticates the change; it reaches the tools as a memfd path
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import getpass
 import json
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from luksvm import backup, files, keys, tokens
@@ -287,64 +284,18 @@ def _shell(argv: Sequence[str]) -> str:
 # --- the current key --------------------------------------------------------------------------
 
 
-def current_key(volume: Volume, config: Config, key_file: str | None) -> bytes:
-    """A key that opens a keyslot of the volume now, to authenticate the change: --key-file FILE
-    (or - for stdin), else the configured keyfile or keyring secret, else a passphrase typed."""
-    device = volume.device
-    tried = []
-    if key_file is not None:
-        secret = sys.stdin.buffer.read() if key_file == "-" else _read_file(key_file)
-        if tokens.key_slot(device, secret) is not None:
-            return secret
-        tried.append(f"--key-file {key_file}")
-    elif volume.key.kind == "file":
-        secret = _read_file(keys.keyfile_path(volume, config.root))
-        if tokens.key_slot(device, secret) is not None:
-            return secret
-        tried.append(f"keyfile {volume.key.path}")
-    elif volume.key.kind == "keyring":
-        secret = keys.keyring_secret(volume, config.settings)
-        if tokens.key_slot(device, secret) is not None:
-            return secret
-        tried.append(str(volume.key))
-    if not tried and keys.terminal():
-        typed = getpass.getpass(f"Enter a passphrase of {volume.name} ({device}): ")
-        secret = typed.encode("utf-8")
-        if tokens.key_slot(device, secret) is not None:
-            return secret
-        tried.append("the passphrase typed")
-    if tried:
-        raise LuksvmError(
-            f"{volume.name}: {tried[0]} opens no keyslot of {device}; nothing was changed",
-            fix="give a key that does with --key-file FILE (or --key-file - on stdin)",
-        )
-    raise LuksvmError(
-        f"{volume.name}: enrolling needs a current key, and there is none: no key is configured, "
-        "no --key-file was given and there is no terminal to ask on; nothing was changed",
-        fix="pass --key-file FILE (or --key-file - with the key on stdin), or run in a terminal",
+def current_key(volume: Volume, config: Config, key_file: str | None) -> keys.Key:
+    """A key with a secret that opens a keyslot of the volume now, to authenticate the change
+    (keys.obtain_key without tokens: systemd-cryptenroll and clevis take a secret only)."""
+    return keys.obtain_key(
+        volume.device,
+        step=f"enrolling or removing a key of {volume.name}",
+        volume=volume,
+        settings=config.settings,
+        root=config.root,
+        key_file=key_file,
+        use_tokens=False,
     )
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as error:
-        raise LuksvmError(f"cannot read key file {path}: {error.strerror}") from None
-
-
-@contextlib.contextmanager
-def _memfd(secret: bytes) -> Iterator[tuple[str, int]]:
-    """The secret as /proc/self/fd/N for a child that reads key files by path only (a pipe
-    would not do: systemd-cryptenroll seeks, and /dev/stdin fails with "Illegal seek")."""
-    fd = os.memfd_create("luksvm-key", 0)
-    try:
-        os.write(fd, secret)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.fchmod(fd, 0o400)  # else systemd-cryptenroll warns the file mode is too permissive
-        yield f"/proc/self/fd/{fd}", fd
-    finally:
-        os.close(fd)
 
 
 # --- doing it ---------------------------------------------------------------------------------
@@ -358,7 +309,7 @@ class Outcome:
     stale_backups: tuple[str, ...] = ()
 
 
-def execute(plan: Plan, config: Config, key: bytes | None) -> Outcome:
+def execute(plan: Plan, config: Config, key: keys.Key | None) -> Outcome:
     """Back up, enrol or remove, write the configuration change, back up again."""
     before = _backup(config, plan.volume)
     argv = list(plan.command)
@@ -366,9 +317,9 @@ def execute(plan: Plan, config: Config, key: bytes | None) -> Outcome:
     if plan.needs_key:
         assert key is not None
         if plan.key_on_stdin:
-            run(argv, stdin=key, secret=True, timeout=TIMEOUT)
+            run(argv, stdin=key.secret, secret=True, timeout=TIMEOUT)
         else:
-            with _memfd(key) as (path, fd):
+            with keys.memfd_path(key) as (path, fd):
                 argv = [a.replace(KEY_PATH_SHOWN, path) for a in argv]
                 result = run(argv, timeout=TIMEOUT, pass_fds=(fd,))
             if plan.action == "recovery":
@@ -475,3 +426,11 @@ def checks(volume: Volume, config: Config, inventory: tokens.Inventory) -> list[
             )
         )
     return found
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise LuksvmError(f"cannot read key file {path}: {error.strerror}") from None

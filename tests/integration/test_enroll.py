@@ -340,3 +340,19 @@ def test_doctor_names_stale_backups_until_they_are_pruned(
     assert "luksvm header-backup --prune-stale cr_t" in text
     assert main(["--root", str(root), "header-backup", "--prune-stale", "cr_t"]) == 0
     assert [s for s, _ in findings(root, "stale-backups")] == ["OK"]
+
+
+def test_a_key_on_stdin_authenticates_and_a_wrong_one_changes_nothing(
+    tmp_path: Path, swtpm: str
+) -> None:
+    root, image = host(tmp_path, keyfile=False)  # key "-": nothing configured to authenticate
+    argv = [sys.executable, "-m", "luksvm", "--root", str(root), "enroll", "cr_t", "--tpm2",
+            "--tpm2-device", swtpm, "--key-file", "-"]  # fmt: skip
+    wrong = subprocess.run(argv, input=b"not the key", capture_output=True, check=False)
+    assert wrong.returncode == 2, wrong.stderr
+    assert b"--key-file -" in wrong.stderr and b"not the key" not in wrong.stderr + wrong.stdout
+    assert not metadata(image)["tokens"] and not (root / "backups").exists()
+    right = subprocess.run(argv, input=KEY, capture_output=True, check=False)
+    assert right.returncode == 0, right.stderr
+    assert KEY not in right.stderr + right.stdout
+    assert [t["type"] for t in metadata(image)["tokens"].values()] == ["systemd-tpm2"]  # type: ignore[attr-defined]

@@ -137,3 +137,33 @@ def notify(*lines: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def key_sources(timeout: float = 10) -> dict[str, str]:
+    """Volume → the LUKSVM_KEY_SOURCE of its latest "unlocked" message in this boot's journal
+    (tpm2, tang, keyfile, …); {} when the journal cannot be read."""
+    import json
+
+    from luksvm.run import run
+
+    result = run(
+        [
+            "journalctl", "-b", "-o", "json", "--no-pager",
+            "--output-fields=LUKSVM_VOLUME,LUKSVM_KEY_SOURCE",
+            f"MESSAGE_ID={MESSAGE_IDS['unlocked']}",
+        ],
+        timeout=timeout,
+        check=False,
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    if result.returncode != 0:
+        return found
+    for line in result.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        volume, source = entry.get("LUKSVM_VOLUME"), entry.get("LUKSVM_KEY_SOURCE")
+        if isinstance(volume, str) and isinstance(source, str):
+            found[volume] = source  # oldest first: the latest wins
+    return found

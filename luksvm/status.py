@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from luksvm import devmapper, guests, lvm, virt
+from luksvm import devmapper, guests, journal, lvm, virt
 from luksvm.config import Config
 from luksvm.run import CommandError
 from luksvm.systemctl import systemd_running, unit_states
@@ -49,6 +49,7 @@ def gather(config: Config) -> dict[str, Any]:
     libvirt, more = guest_states(config.settings.uri, [g.name for g in config.guests])
     problems += more
     policies = {p["guest"]: p for p in guests.effective_policies(config)}
+    sources = journal.key_sources() if systemd and open_volumes else {}
     volumes = []
     for volume in config.volumes:
         mapping = by_name.get(volume.name)
@@ -70,6 +71,8 @@ def gather(config: Config) -> dict[str, Any]:
                     if mapping and any(os.path.realpath(pv) == path for pv in vg.pvs)
                 ),
                 "key": volume.key.kind,
+                # what unlocked it in this boot (journal: LUKSVM_KEY_SOURCE), None if unknown
+                "key_source": sources.get(volume.name) if mapping else None,
                 "noauto": volume.noauto,
                 "guests": list(volume.guests),
                 "unit": _unit(unlock_unit(volume.name), states, systemd),
@@ -104,10 +107,11 @@ def rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     volumes = [["VOLUME", "STATE", "DEVICE", "HOLDERS", "GUEST VGS", "UNIT"]]
     for v in data["volumes"]:
         device = v["device"] + ("" if v["device_present"] else " (missing)")
+        state = v["state"] + (f" ({v['key_source']})" if v.get("key_source") else "")
         volumes.append(
             [
                 v["name"],
-                v["state"],
+                state,
                 device,
                 ", ".join(v["holders"]) or "-",
                 ", ".join(v["guest_vgs"]) or "-",

@@ -46,6 +46,8 @@ UNATTENDED_OPTIONS = {
     "unattended_timeout",
 }
 LUKSVM_OPTIONS.update(UNATTENDED_OPTIONS)
+LUKSVM_FLAGS = frozenset({"tang"})  # options without a value (for the manual)
+LUKSVM_OPTION_VALUES = {"unattended-timeout": "DURATION"}  # value names (for the manual)
 TOKEN_SOURCES = (("tpm2-device", "tpm2"), ("fido2-device", "fido2"), ("pkcs11-uri", "pkcs11"))
 # Options that make systemd-cryptsetup use a token: never given with a keyfile (with tpm2-device=
 # it reads a key file as a sealed TPM2 blob)

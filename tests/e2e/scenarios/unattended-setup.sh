@@ -8,7 +8,7 @@
 fast_kdf=(--type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000)
 keys=/etc/luksvm/keys
 
-install -d -m 0700 /var/lib/tang
+# the package made /var/lib/tang (owner _tang); keys on first use of the image
 ls /var/lib/tang/*.jwk > /dev/null 2>&1 || /usr/libexec/tangd-keygen /var/lib/tang
 step tang-on systemctl enable --now tangd.socket
 thp=$(tang-show-keys 80)

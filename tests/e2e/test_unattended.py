@@ -37,8 +37,10 @@ def states(text: str) -> dict[str, str]:
 
 
 def unlock_seconds(journal: Journal, volume: str, boot: str) -> float:
-    began = journal.job_began(unit(volume), boot=boot)
-    ended = journal.last(about=unit(volume), JOB_TYPE="start", boot=boot)
+    """How long the first start job of the volume's unlock unit in `boot` took."""
+    jobs = journal.find(about=unit(volume), JOB_TYPE="start", boot=boot)
+    began = next(e for e in jobs if not e.get("JOB_RESULT"))
+    ended = next(e for e in jobs if e.get("JOB_RESULT"))
     return (ended.monotonic - began.monotonic) / 1e6
 
 

@@ -543,3 +543,21 @@ def test_attempt_timeout_per_volume_overrides_the_setting() -> None:
     assert unlock.attempt_timeout(volume("a /dev/a - luks,x-luksvm.tang"), settings) == 20.0
     vol = volume("a /dev/a - luks,x-luksvm.tang,x-luksvm.unattended-timeout=1min")
     assert unlock.attempt_timeout(vol, settings) == 60.0
+
+
+def test_fido2_and_pkcs11_options_pass_through_unchanged_to_the_token_attempt() -> None:
+    # no real FIDO2 key or PKCS#11 token in the VM: what luksvm can prove is that their options
+    # reach systemd-cryptsetup as written, and that the keyfile attempt never carries them
+    vol = volume(
+        "cr_f /dev/vg/f /etc/luksvm/keys/f "
+        "luks,fido2-device=auto,fido2-rp=io.systemd.cryptsetup,token-timeout=10s"
+    )
+    token, keyfile = unlock_plan(vol, probe(), key_file="/etc/luksvm/keys/f").steps
+    assert token.source == "fido2" and token.argv[-1] == (
+        "luks,fido2-device=auto,fido2-rp=io.systemd.cryptsetup,token-timeout=10s,"
+        "headless=true,tries=1"
+    )
+    assert keyfile.argv[-1] == "luks,headless=true,tries=1"
+    vol = volume("cr_p /dev/vg/p - luks,pkcs11-uri=auto")
+    (step,) = unlock_plan(vol, probe()).steps
+    assert step.source == "pkcs11" and step.argv[-1] == "luks,pkcs11-uri=auto,headless=true,tries=1"

@@ -29,6 +29,7 @@ MESSAGE_IDS = {
     "key-removed": "9af8fb46b1f1441cb03332b8183f1270",
     "backup-stale": "5c3ac3f058384d99a70846225e08f006",
     "unlock-attempt-failed": "b78d0b12ce2845e28a2231caba460562",
+    "volume-grown": "965931c84545415299954d547d021dec",
 }
 
 log = logging.getLogger("luksvm")

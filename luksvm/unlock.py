@@ -133,7 +133,9 @@ def unlock_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Pl
         return attempts_plan(volume, probe, key_file=key_file)
     try:
         if volume.key.kind == "keyring":
-            argv = cryptsetup.open_argv(volume.device, name, volume.options, key_file="-")
+            argv = cryptsetup.open_argv(
+                volume.device, name, volume.options, key_file="-", keyring=True
+            )
             step = Step(argv, timeout=cryptsetup.KEY_TIMEOUT, key_from_keyring=True)
         else:
             if probe.systemd_cryptsetup:

@@ -81,7 +81,7 @@ def test_keyring_volume_opens_with_the_key_on_stdin() -> None:
         "luks",
         "--allow-discards",
         "--key-file=-",
-        "/dev/disk/by-uuid/abc",
+        "/dev/disk/by-uuid/ABC",
         "cr_web",
     )
     assert step.key_from_keyring and not step.interactive
@@ -561,3 +561,16 @@ def test_fido2_and_pkcs11_options_pass_through_unchanged_to_the_token_attempt() 
     vol = volume("cr_p /dev/vg/p - luks,pkcs11-uri=auto")
     (step,) = unlock_plan(vol, probe()).steps
     assert step.source == "pkcs11" and step.argv[-1] == "luks,pkcs11-uri=auto,headless=true,tries=1"
+
+
+def test_keyring_volume_with_a_token_option_tries_the_token_then_the_keyring_key() -> None:
+    # DESIGN, second turn: the token is the unattended source, the key field its fallback; each
+    # attempt gets only its own options (cryptsetup open with a keyring key never sees tpm2-*)
+    vol = volume("cr_web UUID=ABC keyring:luksvm/cr_web luks,tpm2-device=auto")
+    plan = unlock_plan(vol, probe(systemd_cryptsetup="/lib/systemd/systemd-cryptsetup"))
+    assert not plan.refusal
+    token, keyring = plan.steps
+    assert (
+        token.source == "tpm2" and token.argv[-1] == "luks,tpm2-device=auto,headless=true,tries=1"
+    )
+    assert keyring.key_from_keyring and not any("tpm2" in a for a in keyring.argv)

@@ -623,11 +623,14 @@ def _execute_attempts(plan: Plan, volume: Volume, config: Config) -> None:
     for step in plan.steps:
         try:
             secret = None
+            started = time.monotonic()
             if step.key_from_keyring:
                 secret = keys.keyring_secret(volume, config.settings)
             elif step.key_from_tang:
                 secret = _tang_key(volume, step.timeout)
-            run(step.argv, timeout=step.timeout, stdin=secret, secret=secret is not None)
+            # one bound for the whole attempt: what fetching the key took is not given twice
+            left = max(step.timeout - (time.monotonic() - started), 1.0)
+            run(step.argv, timeout=left, stdin=secret, secret=secret is not None)
         except LuksvmError as error:
             why = str(error).splitlines()[-1] if str(error) else "failed"
             failed.append(f"{step.source}: {why}")

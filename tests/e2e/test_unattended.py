@@ -23,7 +23,9 @@ from .vm import Machine, note, scenario
 pytestmark = pytest.mark.e2e
 
 HERE = scenario("unattended-setup.sh").parents[1]
-ATTEMPT_BOUND = 20.0  # [keys] unattended_timeout in unattended-setup.sh
+# [keys] unattended_timeout in unattended-setup.sh: 20 s was seen too short for `clevis luks pass`
+# (a shell script starting jose and curl) under software emulation with other VMs on the machine
+ATTEMPT_BOUND = 60.0
 UNLOCKED = "3f1c7e1a9d8b4e5f8a2b6c4d0e9f1a27"
 ATTEMPT_FAILED = "b78d0b12ce2845e28a2231caba460562"
 
@@ -66,7 +68,7 @@ def test_tpm2_and_tang_unlock_unattended_and_fall_back_within_the_bound(host: Ma
     assert "cr_imap_encr /dev/volgrp4/lvimap_hd0 - luks,discard,x-luksvm.guest=mail," in config
     assert "tpm2-device=auto" in config and "x-luksvm.tang" in config
     units = setup.text("units.txt")
-    assert "After=network-online.target" in units and "TimeoutStartSec=50s" in units
+    assert "After=network-online.target" in units and "TimeoutStartSec=1min 30s" in units
     keys = {k["volume"]: k for k in setup.json("keys-setup.json")}
     assert {c["source"]: c["state"] for c in keys["cr_imap_encr"]["unattended"]} == {"tpm2": "ok"}
     assert {c["source"]: c["state"] for c in keys["cr_web"]["unattended"]} == {

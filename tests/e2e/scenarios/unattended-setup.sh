@@ -33,7 +33,7 @@ cat > /etc/luksvm/luksvm.conf <<CONF
 stop_timeout = 5s
 
 [keys]
-unattended_timeout = 20s
+unattended_timeout = 60s
 CONF
 
 ls /dev/tpmrm0 > tpm-device

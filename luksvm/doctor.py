@@ -25,7 +25,6 @@ from luksvm import (
     blockdev,
     config,
     cryptsetup,
-    files,
     guests,
     keys,
     lvm,
@@ -46,8 +45,6 @@ FAIL: Final = "FAIL"
 SKIP: Final = "SKIP"
 STATUSES: tuple[Status, ...] = (SKIP, OK, WARN, FAIL)  # from best to worst
 EXIT_CODES: dict[Status, int] = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
-# Prometheus gauge values: alert on > 0; a skipped check is -1, so it never passes for healthy.
-GAUGE_VALUES: dict[Status, int] = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
 HOST = "host"  # the subject of findings about the host as a whole
 
 T = TypeVar("T")
@@ -433,56 +430,6 @@ def _names(names: Sequence[str], shown: int = 6) -> str:
     if len(names) <= shown:
         return ", ".join(names)
     return ", ".join(names[:shown]) + f" and {len(names) - shown} more"
-
-
-def prometheus_text(findings: Sequence[Finding], *, duration: float, now: float) -> str:
-    """node_exporter textfile format: one gauge sample per check and subject (its worst status)."""
-    worst_by: dict[tuple[str, str], Status] = {}
-    for f in findings:
-        key = (f.check, f.subject)
-        worst_by[key] = worst([f, Finding(worst_by[key], "", "")]) if key in worst_by else f.status
-    lines = [
-        "# HELP luksvm_doctor_status luksvm doctor result per check and subject "
-        "(0 ok, 1 warning, 2 failure, -1 skipped).",
-        "# TYPE luksvm_doctor_status gauge",
-    ]
-    for (name, subject), status in worst_by.items():
-        lines.append(
-            f'luksvm_doctor_status{{check="{_label(name)}",subject="{_label(subject)}"}} '
-            f"{GAUGE_VALUES[status]}"
-        )
-    lines += [
-        "# HELP luksvm_doctor_last_run_timestamp_seconds When luksvm doctor last ran.",
-        "# TYPE luksvm_doctor_last_run_timestamp_seconds gauge",
-        f"luksvm_doctor_last_run_timestamp_seconds {now:.3f}",
-        "# HELP luksvm_doctor_duration_seconds How long luksvm doctor took.",
-        "# TYPE luksvm_doctor_duration_seconds gauge",
-        f"luksvm_doctor_duration_seconds {duration:.3f}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def write_textfile(path: str, text: str) -> None:
-    """Write the node_exporter textfile so that a reader sees the old or the new file, never half;
-    readable by node_exporter's user (0644)."""
-    path = os.path.abspath(path)
-    why = ""
-    if not os.path.isdir(os.path.dirname(path)):
-        why = "no such directory"
-    else:
-        try:
-            files.write_atomically(path, text, mode=0o644)
-        except OSError as error:
-            why = error.strerror or str(error)
-    if why:
-        raise LuksvmError(
-            f"cannot write {path}: {why}; give the directory node_exporter's "
-            "--collector.textfile.directory reads"
-        )
 
 
 @dataclass(frozen=True)

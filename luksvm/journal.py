@@ -29,6 +29,8 @@ MESSAGE_IDS = {
     "key-removed": "9af8fb46b1f1441cb03332b8183f1270",
     "backup-stale": "5c3ac3f058384d99a70846225e08f006",
     "unlock-attempt-failed": "b78d0b12ce2845e28a2231caba460562",
+    "header-backup-failed": "efd693e08b614030b418950fe381b1ae",
+    "guest-trimmed": "2768f3cfb2a043d6acf9e6cfa6593bb2",
     "volume-grown": "965931c84545415299954d547d021dec",
 }
 

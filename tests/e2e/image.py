@@ -81,6 +81,11 @@ PACKAGES = (
     "clevis-luks",
     "clevis-systemd",
     "curl",
+    # many hosts: the Ansible collection runs here (connection local; python3-apt for its
+    # package module), node_exporter serves luksvm's metrics over loopback
+    "ansible-core",
+    "python3-apt",
+    "prometheus-node-exporter",
 )
 
 # Units that make boots slow or noisy, or fight a test runner for the serial console.

@@ -870,3 +870,61 @@ def _copy_raw_area(device: str, folder: str, size: int) -> str:
             os.unlink(temporary)
     files.fsync(folder)
     return final
+
+
+# --- key hygiene: backups that still hold a removed key -----------------------------------------
+
+STALE_SUFFIX = ".stale"  # beside a backup: it still holds a key removed from the live header
+
+
+def stale_marker(backup: Backup) -> str:
+    return backup.path + STALE_SUFFIX
+
+
+def mark_stale(folder: str, salts: frozenset[str], *, keep: str, why: str) -> tuple[str, ...]:
+    """Mark every backup in `folder` whose header still has a keyslot with one of `salts` (the
+    keyslots just removed), never `keep` (the backup of the live header). Returns their paths."""
+    from luksvm import tokens
+
+    marked = []
+    for backup in list_backups(folder):
+        if backup.raw or backup.path == keep or not salts:
+            continue
+        try:
+            held = tokens.read_inventory(backup.path).salts()
+        except LuksvmError:
+            continue  # a backup that does not read as LUKS holds no usable keyslot either
+        if held & salts:
+            text = json.dumps({"marked": iso(datetime.now(timezone.utc)), "why": why})
+            files.write_atomically(stale_marker(backup), text + "\n", mode=0o600)
+            marked.append(backup.path)
+    return tuple(marked)
+
+
+def stale_backups(folder: str) -> list[Backup]:
+    """The backups in `folder` marked as holding a removed key, newest first; never the newest
+    backup (the copy of the live header) even if marked."""
+    backups = [b for b in list_backups(folder) if not b.raw]
+    return [b for b in backups[1:] if os.path.exists(stale_marker(b))]
+
+
+def prune_stale(config: Config, names: Sequence[str] = (), *, dry_run: bool = False) -> list[str]:
+    """Delete the backups marked stale (with their records and markers); the backup of the live
+    header is always kept. Returns the paths deleted (or that would be)."""
+    removed = []
+    for volume in selected(config, names):
+        folder = os.path.join(config.settings.backup_dir, volume.name)
+        for backup in stale_backups(folder):
+            removed.append(backup.path)
+            if dry_run:
+                continue
+            for path in (backup.path, backup.record_path, stale_marker(backup)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            log.info(
+                "%s: deleted header backup %s: it still held a removed key",
+                volume.name,
+                backup.path,
+                extra=journal.fields(volume=volume.name),
+            )
+    return removed

@@ -279,6 +279,8 @@ def cmd_header_backup(args: argparse.Namespace) -> int:
     from luksvm import backup, config
 
     cfg = config.load(args.root)
+    if args.prune_stale:
+        return _prune_stale(args, cfg)
     prune_before = backup.parse_date(args.prune_before) if args.prune_before else None
     report = backup.backup_headers(cfg, args.names, prune_before=prune_before, dry_run=args.dry_run)
     if args.json:
@@ -312,6 +314,124 @@ def cmd_header_backup(args: argparse.Namespace) -> int:
     if any(o.changed for o in report.outcomes):
         print(f"note: {report.warning}")
     return EXIT_FAIL if report.failed else EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from luksvm import config, enroll
+
+    data = enroll.report(config.load(args.root), args.names)
+    failed = any(
+        e.get("error") or any(c["state"] == "fail" for c in e["unattended"])  # type: ignore[attr-defined]
+        for e in data
+    )
+    if args.json:
+        print_json(data)
+        return EXIT_FAIL if failed else EXIT_OK
+    for index, entry in enumerate(data):
+        if index:
+            print()
+        print(f"{entry['volume']}  {entry['device']}  configured key: {entry['configured_key']}")
+        if entry.get("error"):
+            print(f"  error: {entry['error']}")
+            continue
+        slots: list[dict[str, Any]] = entry["keyslots"]  # type: ignore[assignment]
+        toks: list[dict[str, Any]] = entry["tokens"]  # type: ignore[assignment]
+        rows = [["  KEYSLOT", "UNLOCKED BY", "DETAIL"]]
+        for slot in slots:
+            held = [t for t in toks if slot["keyslot"] in t["keyslots"]]
+            detail = ", ".join(_token_detail(t) for t in held) or "passphrase or keyfile"
+            rows.append([f"  {slot['keyslot']}", ",".join(slot["by"]), detail])
+        print_table(rows)
+        checks: list[dict[str, str]] = entry["unattended"]  # type: ignore[assignment]
+        for check in checks:
+            print(
+                f"  {check['state'].upper():7} {check['source']}: {check['what']}: "
+                f"{check['detail']}"
+            )
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _token_detail(token: dict[str, Any]) -> str:
+    text = f"token {token['token']}"
+    if token["kind"] == "tpm2":
+        text += f" PCRs {'+'.join(str(p) for p in token['pcrs']) or 'none'}"
+        text += " PIN" if token["pin"] else ""
+    for url, thp in zip(token.get("urls", []), token.get("thumbprints", []) or ["?"]):
+        text += f" {url} thp {thp}"
+    return text
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from luksvm import config, enroll, journal, tokens
+
+    cfg = config.load(args.root)
+    volume = cfg.volume(args.name)
+    if args.tpm2:
+        request = enroll.Request("tpm2", tpm2_device=args.tpm2_device, tpm2_pcrs=args.tpm2_pcrs)
+    elif args.tang:
+        request = enroll.Request("tang", tang_url=args.tang, thumbprint=args.thumbprint or "")
+    elif args.recovery_key:
+        request = enroll.Request("recovery")
+    else:
+        request = enroll.Request("remove", remove=args.remove)
+    plan = enroll.plan(cfg, args.name, request, tokens.read_inventory(volume.device))
+    if args.dry_run:
+        for line in enroll.dry_run_lines(plan, cfg):
+            print(line)
+        return EXIT_OK
+    if plan.action == "recovery" and not sys.stdout.isatty():
+        raise LuksvmError(
+            f"{args.name}: a recovery key is shown once, on the terminal, and standard output "
+            "is not one; nothing was changed",
+            fix=f"run it in a terminal: ssh -t HOST luksvm enroll {args.name} --recovery-key",
+        )
+    key = enroll.current_key(volume, cfg, args.key_file) if plan.needs_key else None
+    outcome = enroll.execute(plan, cfg, key)
+    event = "key-removed" if plan.action == "remove" else "key-enrolled"
+    what = {
+        "tpm2": "a TPM2 key",
+        "tang": f"a Tang key ({args.tang})",
+        "recovery": "a recovery key",
+    }.get(plan.action, "keyslot(s) " + ", ".join(map(str, plan.wipe_slots)))
+    log.info(
+        "%s: %s %s",
+        args.name,
+        "removed" if plan.action == "remove" else "enrolled",
+        what,
+        extra=journal.fields(volume=args.name, message_id=event),
+    )
+    if plan.diff():
+        print(plan.diff(), end="")
+    for path in outcome.stale_backups:
+        log.warning(
+            "%s: header backup %s still holds the removed key; delete it with luksvm "
+            "header-backup --prune-stale %s",
+            args.name,
+            path,
+            args.name,
+            extra=journal.fields(volume=args.name, message_id="backup-stale"),
+        )
+    print(f"header backups: {outcome.backups[0]} (before), {outcome.backups[1]} (after)")
+    if outcome.recovery_key:
+        print(f"\nRecovery key for {args.name} (shown once; write it down, it is not stored):")
+        print(f"\n    {outcome.recovery_key}\n")
+    if plan.config_before != plan.config_after:
+        print(f"run luksvm apply to bring the units in line with {plan.config_path}")
+    return EXIT_OK
+
+
+def _prune_stale(args: argparse.Namespace, cfg: Any) -> int:
+    from luksvm import backup
+
+    removed = backup.prune_stale(cfg, args.names, dry_run=args.dry_run)
+    if args.json:
+        print_json({"removed": removed, "dry_run": args.dry_run})
+        return EXIT_OK
+    for path in removed:
+        print(shlex.join(["rm", "--", path]) if args.dry_run else f"removed {path}")
+    if not removed:
+        print("no stale header backups")
+    return EXIT_OK
 
 
 def cmd_trim(args: argparse.Namespace) -> int:
@@ -664,9 +784,62 @@ def build_parser() -> Parser:
         "except the newest: they keep removed passphrases valid",
     )
     backup_parser.add_argument(
+        "--prune-stale",
+        action="store_true",
+        help="delete the backups marked as still holding a removed key (the newest is kept)",
+    )
+    backup_parser.add_argument(
         "--dry-run", action="store_true", help="print what would be written and deleted"
     )
     backup_parser.set_defaults(func=cmd_header_backup)
+
+    keys_parser = commands.add_parser(
+        "keys",
+        help="what can unlock each volume: keyslots, tokens (TPM2, Tang, FIDO2, recovery), the "
+        "configured key; whether each unattended source would unlock it now",
+    )
+    keys_parser.add_argument("names", nargs="*", metavar="NAME", help="volumes (default: all)")
+    keys_parser.add_argument("--json", action="store_true", help="print JSON")
+    keys_parser.set_defaults(func=cmd_keys)
+
+    enroll_parser = commands.add_parser(
+        "enroll",
+        help="add an unattended key (TPM2, Tang) or a recovery key to a volume, or remove a key",
+    )
+    enroll_parser.add_argument("name", metavar="NAME", help="the volume (mapping name)")
+    source = enroll_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tpm2", action="store_true", help="seal a key to this machine's TPM2")
+    source.add_argument("--tang", metavar="URL", help="bind to a Tang server (needs --thumbprint)")
+    source.add_argument(
+        "--recovery-key", action="store_true", help="add a recovery key, shown once"
+    )
+    source.add_argument(
+        "--remove",
+        metavar="SLOT|TOKEN",
+        help="remove a keyslot (N), a token's keyslots (token:N) or every tpm2|tang|recovery key",
+    )
+    enroll_parser.add_argument(
+        "--tpm2-pcrs", default="7", metavar="L", help="PCRs to seal against, e.g. 7 or 0+7 (7)"
+    )
+    enroll_parser.add_argument(
+        "--tpm2-device",
+        default="auto",
+        metavar="DEV",
+        help="auto, a device node, or a TCTI such as swtpm:path=SOCK (auto)",
+    )
+    enroll_parser.add_argument(
+        "--thumbprint", metavar="TP", help="the Tang server's signing key (tang-show-keys)"
+    )
+    enroll_parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="a current key of the volume, - for standard input (default: the configured key, "
+        "else a passphrase asked in the terminal)",
+    )
+    enroll_parser.add_argument(
+        "--dry-run", action="store_true", help="print the commands and the config diff"
+    )
+    enroll_parser.set_defaults(func=cmd_enroll)
 
     restore = commands.add_parser(
         "header-restore", help="restore a volume's LUKS header from a backup (volume locked)"

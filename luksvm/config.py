@@ -33,6 +33,21 @@ TOKEN_OPTIONS = frozenset({"tpm2-device", "fido2-device", "pkcs11-uri"})
 LUKSVM_PREFIX = "x-luksvm."
 LUKSVM_OPTIONS = {"guest": "a libvirt guest (domain) whose disk this volume is; repeat per guest"}
 
+# --- unattended keys (issue 16): luksvm's own options for them, parsed apart from the rest ------
+UNATTENDED_OPTIONS = {
+    "tang": "the volume has a Tang (clevis) key: unlock tries it, after network-online.target",
+    "unattended-timeout": "bound on each unattended unlock attempt; overrides [keys] "
+    "unattended_timeout",
+}
+LUKSVM_OPTIONS.update(UNATTENDED_OPTIONS)
+LUKSVM_FLAGS = frozenset({"tang"})  # options without a value (for the manual)
+LUKSVM_OPTION_VALUES = {"unattended-timeout": "DURATION"}  # value names (for the manual)
+TOKEN_SOURCES = (("tpm2-device", "tpm2"), ("fido2-device", "fido2"), ("pkcs11-uri", "pkcs11"))
+# Options that make systemd-cryptsetup use a token: never given with a keyfile (with tpm2-device=
+# it reads a key file as a sealed TPM2 blob)
+TOKEN_OPTION_PREFIXES = ("tpm2-", "fido2-", "pkcs11-", "token-timeout")
+UNATTENDED_TIMEOUT = 30_000_000  # microseconds: [keys] unattended_timeout's default
+
 SOURCE_TAGS = {
     "UUID": "by-uuid",
     "PARTUUID": "by-partuuid",
@@ -118,6 +133,8 @@ class Volume:
     where: Location
     # where each of `options` stands on its line (for warnings about one option)
     option_columns: tuple[int, ...] = field(default=(), compare=False)
+    tang: bool = False  # x-luksvm.tang
+    unattended_timeout: int | None = None  # x-luksvm.unattended-timeout=, microseconds
 
     @property
     def mapper_path(self) -> str:
@@ -141,8 +158,35 @@ class Volume:
         return self.has_flag("noauto")
 
     @property
+    def token_source(self) -> str:
+        """The token kind the options name (tpm2, fido2, pkcs11), "" for none."""
+        for option, kind in TOKEN_SOURCES:
+            if self.option(option) is not None:
+                return kind
+        return ""
+
+    @property
+    def unattended(self) -> bool:
+        """True when a token or Tang key unlocks it at boot (never a prompt: the key field is the
+        fallback, tried after them, and a failure fails the unit)."""
+        return bool(self.token_source) or self.tang
+
+    def unlock_sources(self) -> tuple[str, ...]:
+        """The sources an unattended unlock tries, in order: the token, Tang, the configured key."""
+        sources = [self.token_source] if self.token_source else []
+        if self.tang:
+            sources.append("tang")
+        if self.key.kind == "file":
+            sources.append("keyfile")
+        elif self.key.kind == "keyring":
+            sources.append("keyring")
+        return tuple(sources)
+
+    @property
     def interactive(self) -> bool:
         """True when unlocking may wait at a passphrase prompt."""
+        if self.unattended:
+            return False
         if self.key.kind != "ask":
             # A keyfile or keyring key with headless=false falls back to a prompt when it fails.
             return self.option("headless") is not None and not self.has_flag("headless")
@@ -174,6 +218,7 @@ class Settings:
     backup_keep: int = 5
     backup_max_age: int = 30 * 86400 * 1_000_000
     keyring_backend: str = ""
+    unattended_timeout: int = UNATTENDED_TIMEOUT  # [keys] unattended_timeout, microseconds
 
     def policy_for(self, guest: str) -> GuestPolicy:
         return dict(self.guest_overrides).get(guest, self.guests)
@@ -264,6 +309,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "backend",
         "python keyring backend for keyring: keys, e.g. keyrings.alt.file.PlaintextKeyring; "
         "system units have no session bus, so the default backend cannot work there",
+    ),
+    SettingSpec(
+        "keys",
+        "unattended_timeout",
+        "30s",
+        "duration",
+        "bound on each unattended unlock attempt (TPM2, Tang, keyfile/keyring) at boot; per "
+        "volume: x-luksvm.unattended-timeout=",
     ),
 )
 
@@ -469,6 +522,7 @@ def _settings_from(values: dict[tuple[str, str], str | int]) -> Settings:
         backup_keep=int(get("backup", "keep", base.backup_keep)),
         backup_max_age=int(get("backup", "max_age", base.backup_max_age)),
         keyring_backend=str(get("keys", "keyring_backend", base.keyring_backend)),
+        unattended_timeout=int(get("keys", "unattended_timeout", base.unattended_timeout)),
     )
 
 
@@ -619,6 +673,8 @@ def _parse_options(
         name, sep, value = option.text.partition("=")
         if not option.text:
             problems.append(Problem(here, "empty option (two commas in a row?)"))
+        elif name[len(LUKSVM_PREFIX) :] in UNATTENDED_OPTIONS and name.startswith(LUKSVM_PREFIX):
+            pass  # parse_unattended() reads these
         elif name.startswith(LUKSVM_PREFIX):
             ours = name[len(LUKSVM_PREFIX) :]
             if ours not in LUKSVM_OPTIONS:
@@ -672,6 +728,31 @@ def _parse_options(
                 )
             )
     return tuple(options), tuple(guests)
+
+
+def parse_unattended(
+    token: _Token, path: str, lineno: int, problems: list[Problem]
+) -> tuple[bool, int | None]:
+    """x-luksvm.tang (a flag) and x-luksvm.unattended-timeout=DURATION from an options field."""
+    tang, timeout = False, None
+    for option in _tokens(token.text, token.column, ","):
+        name, sep, value = option.text.partition("=")
+        here = Location(path, lineno, option.column)
+        if name == LUKSVM_PREFIX + "tang":
+            if sep:
+                problems.append(Problem(here, f"{option.text!r}: {name} takes no value"))
+            tang = True
+        elif name == LUKSVM_PREFIX + "unattended-timeout":
+            try:
+                timeout = parse_timespan(value) if sep else None
+            except ValueError as error:
+                problems.append(Problem(here, f"{name}: {error}"))
+                continue
+            if not timeout:
+                problems.append(
+                    Problem(here, f"{option.text!r}: expected {name}=DURATION above 0, e.g. 20s")
+                )
+    return tang, timeout
 
 
 def _fields(line: str) -> list[_Token]:
@@ -741,6 +822,11 @@ def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
         guests: tuple[str, ...] = ()
         if len(fields) > 3:
             options, guests = _parse_options(fields[3], path, lineno, problems)
+        tang, timeout = (
+            parse_unattended(fields[3], path, lineno, problems)
+            if len(fields) > 3
+            else (False, None)
+        )
         volumes.append(
             Volume(
                 name.text,
@@ -751,6 +837,8 @@ def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
                 guests,
                 first,
                 tuple(o.column for o in options),
+                tang=tang,
+                unattended_timeout=timeout,
             )
         )
     return volumes, problems

@@ -29,6 +29,7 @@ from luksvm import (
     keys,
     lvm,
     systemctl,
+    tokens,
     trim,
     units,
 )
@@ -1444,10 +1445,10 @@ def _keyfile_at_rest(host: Host, volume: Volume, path: str) -> Finding:
         "whoever takes the host's disks takes the key, so the volume is protected at rest only "
         "against someone who gets its disk alone; that is the price of unlocking without a "
         "person at boot",
-        fix=f"to protect it at rest: a passphrase (key `-` with noauto at {volume.where}, then "
-        f"`luksvm unlock {volume.name}` over ssh -t), or a TPM2 token "
-        f"(`systemd-cryptenroll --tpm2-device=auto {volume.device}`, key `-`, option "
-        "tpm2-device=auto), or keep the keys on an encrypted filesystem",
+        fix=f"to protect it at rest: a TPM2 or Tang key (`luksvm enroll {volume.name} --tpm2`, or "
+        f"`--tang URL --thumbprint TP`; then key `-` at {volume.where}), a passphrase (key `-`, "
+        f"then `luksvm unlock {volume.name}` over ssh -t), or keep the keys on an encrypted "
+        "filesystem",
     )
 
 
@@ -1564,3 +1565,137 @@ def swap(host: Host) -> Iterator[Finding]:
                 "and /dev/mapper/cryptswap in /etc/fstab (better by PARTUUID=); or swap to "
                 f"zram; or `swapoff {shlex.quote(area.path)}` and drop it from /etc/fstab",
             )
+
+
+# --- unattended keys (TPM2, Tang) and key hygiene ------------------------------------------------
+
+UNATTENDED_TOKEN_KINDS = ("tpm2", "tang", "sss", "fido2", "pkcs11")
+
+
+def _inventory(volume: Volume) -> tokens.Inventory | LuksvmError:
+    try:
+        if not volume.device or not os.path.exists(volume.device):
+            raise LuksvmError(f"source {volume.device or volume.source} does not exist")
+        return tokens.read_inventory(volume.device)
+    except LuksvmError as error:
+        return error
+
+
+@check(
+    "unattended-keys",
+    "each TPM2/Tang key would unlock its volume now, and a way back exists besides them",
+)
+def unattended_keys(host: Host) -> Iterator[Finding]:
+    volumes = list(host.config.volumes)
+    if not volumes:
+        yield Finding.skip(HOST, "no volumes configured")
+    for volume, inventory in zip(volumes, host.each(_inventory, volumes)):
+        if isinstance(inventory, LuksvmError):
+            yield Finding.skip(volume.name, f"header not readable: {error_text(inventory)}")
+            continue
+        yield from _unattended_findings(host, volume, inventory)
+
+
+def _unattended_findings(
+    host: Host, volume: Volume, inventory: tokens.Inventory
+) -> Iterator[Finding]:
+    from luksvm import enroll
+
+    name = volume.name
+    held = [t for t in inventory.tokens if t.kind in UNATTENDED_TOKEN_KINDS]
+    if not held and not volume.unattended:
+        yield Finding.ok(name, "no TPM2 or Tang keys (nothing to check)")
+        return
+    if volume.token_source and not inventory.tokens_of(volume.token_source):
+        yield Finding.fail(
+            name,
+            f"{volume.where}: {volume.token_source}-device option set, but {volume.device} has "
+            f"no {volume.token_source} token: that attempt fails at every boot",
+            fix=f"luksvm enroll {name} --{volume.token_source}",
+        )
+    if volume.tang and not (inventory.tokens_of("tang") or inventory.tokens_of("sss")):
+        yield Finding.fail(
+            name,
+            f"{volume.where}: x-luksvm.tang set, but {volume.device} has no Tang token",
+            fix=f"luksvm enroll {name} --tang URL --thumbprint TP",
+        )
+    for token in held:
+        if token.kind == "tpm2" and not volume.token_source:
+            yield Finding.warn(
+                name,
+                f"token {token.number} ({token.describe()}) is never tried: no tpm2-device= "
+                f"option at {volume.where}",
+                fix=f"add tpm2-device=auto to the options of {name}, then luksvm apply",
+            )
+        if token.kind in ("tang", "sss") and not volume.tang:
+            yield Finding.warn(
+                name,
+                f"token {token.number} ({token.describe()}) is never tried: no x-luksvm.tang "
+                f"option at {volume.where}",
+                fix=f"add x-luksvm.tang to the options of {name}, then luksvm apply",
+            )
+    for result in enroll.checks(volume, host.config, inventory):
+        if result.source in ("keyfile", "keyring"):
+            continue  # check "keys" speaks of those
+        if result.state == "fail":
+            yield Finding.fail(
+                name,
+                f"{result.what}: {result.detail}",
+                fix=f"luksvm keys {name}; re-enrol with luksvm enroll {name} "
+                f"--{'tpm2' if result.source == 'tpm2' else 'tang URL --thumbprint TP'}, then "
+                f"luksvm enroll {name} --remove token:N for the old one",
+            )
+        elif result.state == "ok":
+            yield Finding.ok(name, f"{result.what}: {result.detail}")
+        else:
+            yield Finding.skip(name, f"{result.what}: {result.detail}")
+    yield _way_back(host, volume, inventory)
+
+
+def _way_back(host: Host, volume: Volume, inventory: tokens.Inventory) -> Finding:
+    """A passphrase or recovery key besides the unattended keys (and the configured key)."""
+    keyfile_slot = None
+    if volume.key.kind == "file":
+        try:
+            with open(host.path(volume.key.path), "rb") as f:
+                keyfile_slot = tokens.key_slot(volume.device, f.read())
+        except OSError:
+            keyfile_slot = None
+    back = [
+        s.number
+        for s in inventory.keyslots
+        if (s.passphrase and s.number != keyfile_slot)
+        or any(inventory.token(t).kind == "recovery" for t in s.tokens)
+    ]
+    if back:
+        return Finding.ok(
+            volume.name,
+            f"keyslot(s) {', '.join(map(str, back))} (passphrase or recovery key) unlock it "
+            "when the unattended keys fail",
+        )
+    return Finding.warn(
+        volume.name,
+        f"nothing but its unattended keys unlocks {volume.device}: when the TPM's PCRs change "
+        "or the Tang server is gone, no one can unlock it",
+        fix=f"luksvm enroll {volume.name} --recovery-key   (in a terminal; keep the key offline)",
+    )
+
+
+@check("stale-backups", "no header backup still holds a key that was removed")
+def stale_header_backups(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if not cfg.volumes:
+        yield Finding.skip(HOST, "no volumes configured")
+    for volume in cfg.volumes:
+        folder = os.path.join(host.path(cfg.settings.backup_dir), volume.name)
+        stale = backup.stale_backups(folder)
+        if not stale:
+            yield Finding.ok(volume.name, "no header backup holds a removed key")
+            continue
+        yield Finding.warn(
+            volume.name,
+            f"{len(stale)} header backup(s) still hold a removed key, which unlocks the volume "
+            f"with them: {_names([b.path for b in stale])}",
+            fix=f"luksvm header-backup --prune-stale {volume.name}   (deleting does not erase on "
+            "journalling/copy-on-write filesystems or SSDs: keep the backup directory encrypted)",
+        )

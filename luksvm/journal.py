@@ -25,6 +25,10 @@ MESSAGE_IDS = {
     "guest-timeout": "e4a6c8e0b2d44f6a8c0e2b4d6f8a0c2e",
     "guest-start-refused": "50f7e0f532e64804b517c8081724a86c",
     "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
+    "key-enrolled": "984e7fff631a47e2bdf056ee2a61883f",
+    "key-removed": "9af8fb46b1f1441cb03332b8183f1270",
+    "backup-stale": "5c3ac3f058384d99a70846225e08f006",
+    "unlock-attempt-failed": "b78d0b12ce2845e28a2231caba460562",
     "header-backup-failed": "efd693e08b614030b418950fe381b1ae",
     "guest-trimmed": "2768f3cfb2a043d6acf9e6cfa6593bb2",
     "volume-grown": "965931c84545415299954d547d021dec",
@@ -34,9 +38,15 @@ log = logging.getLogger("luksvm")
 
 
 def fields(
-    *, volume: str | None = None, guest: str | None = None, message_id: str | None = None
+    *,
+    volume: str | None = None,
+    guest: str | None = None,
+    message_id: str | None = None,
+    key_source: str | None = None,
 ) -> dict[str, str]:
     out = {}
+    if key_source is not None:
+        out["LUKSVM_KEY_SOURCE"] = key_source
     if volume is not None:
         out["LUKSVM_VOLUME"] = volume
     if guest is not None:
@@ -130,3 +140,33 @@ def notify(*lines: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def key_sources(timeout: float = 10) -> dict[str, str]:
+    """Volume → the LUKSVM_KEY_SOURCE of its latest "unlocked" message in this boot's journal
+    (tpm2, tang, keyfile, …); {} when the journal cannot be read."""
+    import json
+
+    from luksvm.run import run
+
+    result = run(
+        [
+            "journalctl", "-b", "-o", "json", "--no-pager",
+            "--output-fields=LUKSVM_VOLUME,LUKSVM_KEY_SOURCE",
+            f"MESSAGE_ID={MESSAGE_IDS['unlocked']}",
+        ],
+        timeout=timeout,
+        check=False,
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    if result.returncode != 0:
+        return found
+    for line in result.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        volume, source = entry.get("LUKSVM_VOLUME"), entry.get("LUKSVM_KEY_SOURCE")
+        if isinstance(volume, str) and isinstance(source, str):
+            found[volume] = source  # oldest first: the latest wins
+    return found

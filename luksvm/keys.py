@@ -170,6 +170,7 @@ def obtain_key(
     root: str = "/",
     key_file: str | None = None,
     new: bool = False,
+    use_tokens: bool = True,
 ) -> Key:
     """The key for the LUKS container `device`, needed by `step` (e.g. "step 5 (cryptsetup
     resize)"), from the first source that has one, in this order:
@@ -186,7 +187,8 @@ def obtain_key(
     """
     name = volume.name if volume is not None else device
     tried: list[str] = []
-    if not new and _has_tokens(device):
+    # use_tokens=False: a key with a secret is needed (systemd-cryptenroll and clevis take no token)
+    if use_tokens and not new and _has_tokens(device):
         if _opens(device, ("--token-only",), None):
             return Key("token", f"a LUKS2 token of {device}")
         tried.append("its LUKS2 token(s)")
@@ -330,6 +332,7 @@ def memfd_path(key: Key) -> Iterator[tuple[str, int]]:
     try:
         os.write(fd, key.secret)
         os.lseek(fd, 0, os.SEEK_SET)
+        os.fchmod(fd, 0o400)  # else systemd-cryptenroll warns that the mode is too permissive
         yield f"/proc/self/fd/{fd}", fd
     finally:
         os.close(fd)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Literal, TypedDict
 
-from luksvm import devmapper, lvm, virt
+from luksvm import devmapper, journal, lvm, virt
 from luksvm.config import Config
 from luksvm.durations import format_timespan
 from luksvm.run import CommandError
@@ -33,6 +33,7 @@ class VolumeStatus(TypedDict):
     holders: list[str]
     guest_vgs: list[str]
     key: str  # the key's kind: file | ask | keyring | …
+    key_source: str | None  # what unlocked it in this boot (LUKSVM_KEY_SOURCE), None if unknown
     noauto: bool
     guests: list[str]
     unit: UnitStatus | None  # None where systemd does not run
@@ -90,6 +91,7 @@ def gather(config: Config) -> Status:
     states = unit_states(units) if systemd else {}
     libvirt, more = guest_states(config.settings.uri, [g.name for g in config.guests])
     problems += more
+    sources = journal.key_sources() if systemd and open_volumes else {}
     volumes: list[VolumeStatus] = []
     for volume in config.volumes:
         mapping = by_name.get(volume.name)
@@ -111,6 +113,8 @@ def gather(config: Config) -> Status:
                     if mapping and any(os.path.realpath(pv) == path for pv in vg.pvs)
                 ),
                 "key": volume.key.kind,
+                # what unlocked it in this boot (journal: LUKSVM_KEY_SOURCE), None if unknown
+                "key_source": sources.get(volume.name) if mapping else None,
                 "noauto": volume.noauto,
                 "guests": list(volume.guests),
                 "unit": _unit(unlock_unit(volume.name), states, systemd),
@@ -145,10 +149,11 @@ def rows(data: Status) -> tuple[list[list[str]], list[list[str]]]:
     volumes = [["VOLUME", "STATE", "DEVICE", "HOLDERS", "GUEST VGS", "UNIT"]]
     for v in data["volumes"]:
         device = v["device"] + ("" if v["device_present"] else " (missing)")
+        state = v["state"] + (f" ({v['key_source']})" if v["key_source"] else "")
         volumes.append(
             [
                 v["name"],
-                v["state"],
+                state,
                 device,
                 ", ".join(v["holders"]) or "-",
                 ", ".join(v["guest_vgs"]) or "-",

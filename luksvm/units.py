@@ -175,8 +175,31 @@ def _unlock_dropin(config: Config, volume: Volume, previous_interactive: Volume 
             unit.append(f"After={unlock_unit(previous_interactive.name)}")
     else:
         unit.append("Before=" + " ".join(LIBVIRT_DAEMONS))
+    extra_unit, service = _unattended_lines(config, volume)
     source = _on_target(config, volume.where.path)
-    return _dropin(f"{source}:{volume.where.line}", source, unit)
+    return _dropin(f"{source}:{volume.where.line}", source, unit + extra_unit, service)
+
+
+# Time for the unit's own work around its unattended attempts (reading the header, udev)
+UNATTENDED_MARGIN_USEC = 30 * USEC_PER_SEC
+
+
+def unattended_start_timeout_usec(config: Config, volume: Volume) -> int:
+    """TimeoutStartSec of an unattended volume's unlock unit: one bounded attempt per source,
+    and a margin. The template's infinity is for prompts, which these volumes never show."""
+    each = volume.unattended_timeout or config.settings.unattended_timeout
+    return len(volume.unlock_sources()) * each + UNATTENDED_MARGIN_USEC
+
+
+def _unattended_lines(config: Config, volume: Volume) -> tuple[list[str], list[str]]:
+    """([Unit], [Service]) lines for a volume with TPM2/FIDO2/PKCS#11 or Tang keys."""
+    if not volume.unattended:
+        return [], []
+    unit = []
+    if volume.tang:  # the Tang server is on the network
+        unit += ["Wants=network-online.target", "After=network-online.target"]
+    timeout = format_timespan(unattended_start_timeout_usec(config, volume))
+    return unit, [f"TimeoutStartSec={timeout}"]
 
 
 def _device_timeout_dropin(config: Config, volume: Volume, timeout: str) -> str:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from luksvm import blockdev, cryptsetup, devmapper, journal, keys, lvm
-from luksvm.config import GENERATOR_OPTIONS, Config, Volume
+from luksvm import blockdev, cryptsetup, devmapper, journal, keys, lvm, tokens
+from luksvm.config import GENERATOR_OPTIONS, TOKEN_OPTION_PREFIXES, Config, Settings, Volume
 from luksvm.devmapper import DmDevice
+from luksvm.durations import USEC_PER_SEC
 from luksvm.errors import LuksvmError
 from luksvm.lvm import VolumeGroup
 from luksvm.run import CommandError, run, run_interactive
@@ -56,6 +57,8 @@ class Step:
     key_from_keyring: bool = False  # the volume's keyring secret goes to stdin
     unheld: bool = False  # check again right before running that nothing holds the mapping
     says: str = ""  # logged before it runs (what happened at shutdown is read from the journal)
+    source: str = ""  # an unattended attempt: its LUKSVM_KEY_SOURCE (tpm2, tang, keyfile, …)
+    key_from_tang: bool = False  # the key clevis recovers from the Tang server goes to stdin
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     # refused only for openers no process explains (one exiting, udev probing): may pass soon
     transient: bool = False
+    # the steps are alternatives, tried in order until one unlocks (unattended sources)
+    attempts: bool = False
 
     def commands(self) -> list[str]:
         return [shlex.join(step.argv) for step in self.steps]
@@ -87,6 +92,8 @@ class UnlockProbe:
     terminal: bool  # stdin is a terminal: a person can answer a prompt
     in_unit: bool = False  # run by a systemd service, whose prompts systemd's agents show
     unit_active: bool | None = None  # None: go direct, not through the volume's unit
+    unit_failed: bool = False  # its unit failed (an unattended volume: every source failed)
+    attempt_timeout: float = 30.0  # seconds each unattended attempt may take
 
 
 def attach_options(volume: Volume) -> tuple[str, ...]:
@@ -114,6 +121,8 @@ def unlock_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Pl
         refusal = _cannot_unlock(volume, probe)
         if refusal:
             return Plan(name, "unlock", refusal=refusal)
+        if volume.unattended and probe.unit_failed and not probe.active:
+            return fallback_plan(volume, probe, key_file=key_file)
         # Even an open mapping goes through its unit: the unit adopts it (no prompt) and locks it
         # at shutdown. Interactive, so that systemctl's password agent asks on this terminal.
         start = Step(("systemctl", "start", unlock_unit(name)), interactive=True)
@@ -123,6 +132,8 @@ def unlock_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Pl
     refusal = _cannot_unlock(volume, probe)
     if refusal:
         return Plan(name, "unlock", refusal=refusal)
+    if volume.unattended:
+        return attempts_plan(volume, probe, key_file=key_file)
     try:
         if volume.key.kind == "keyring":
             argv = cryptsetup.open_argv(
@@ -161,7 +172,14 @@ def _cannot_unlock(volume: Volume, probe: UnlockProbe) -> str:
     return ""
 
 
-def probe_unlock(volume: Volume, active: set[str], unit_active: bool | None) -> UnlockProbe:
+def probe_unlock(
+    volume: Volume,
+    active: set[str],
+    unit_active: bool | None,
+    *,
+    unit_failed: bool = False,
+    attempt_timeout: float = 30.0,
+) -> UnlockProbe:
     return UnlockProbe(
         active=volume.name in active,
         device_present=os.path.exists(volume.device),
@@ -169,7 +187,104 @@ def probe_unlock(volume: Volume, active: set[str], unit_active: bool | None) -> 
         terminal=keys.terminal(),
         in_unit=keys.in_unit(),
         unit_active=unit_active,
+        unit_failed=unit_failed,
+        attempt_timeout=attempt_timeout,
     )
+
+
+# --- unattended volumes: one bounded, headless attempt per source ------------------------------
+
+
+def attempt_timeout(volume: Volume, settings: Settings) -> float:
+    """Seconds each unattended attempt of `volume` may take."""
+    usec = volume.unattended_timeout or settings.unattended_timeout
+    return usec / USEC_PER_SEC
+
+
+def key_options(volume: Volume) -> list[str]:
+    """The volume's attach options without the token ones: systemd-cryptsetup given tpm2-device=
+    reads a key file as a sealed TPM2 blob, and prompts after a failed token."""
+    return [
+        o
+        for o in volume.options
+        if not o.partition("=")[0].startswith(TOKEN_OPTION_PREFIXES)
+        and o.partition("=")[0] not in NOT_FOR_ATTACH
+    ]
+
+
+def _headless(options: Sequence[str]) -> list[str]:
+    """`luks` first; headless=true and tries=1 forced: an attempt never prompts and tries once."""
+    kept = [o for o in options if o.partition("=")[0] not in ("luks", "headless", "tries")]
+    return ["luks", *kept, "headless=true", "tries=1"]
+
+
+def attempts_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Plan:
+    """The unit's unlock of an unattended volume: the token, then Tang, then the configured key,
+    each headless with one try and at most probe.attempt_timeout seconds; the first that opens
+    the volume wins. Never a prompt: when all fail, the unit fails (see execute)."""
+    name, device = volume.name, volume.device
+    binary = probe.systemd_cryptsetup
+    steps = []
+    timeout = probe.attempt_timeout
+    try:
+        for source in volume.unlock_sources():
+            if source in ("tpm2", "fido2", "pkcs11"):
+                options = [o for o in volume.options if o.partition("=")[0] not in NOT_FOR_ATTACH]
+                if binary:
+                    argv = cryptsetup.attach_argv(binary, name, device, "-", _headless(options))
+                else:  # refused: cryptsetup cannot carry the token options out
+                    argv = cryptsetup.open_argv(device, name, options)
+                steps.append(Step(argv, timeout=timeout, source=source))
+            elif source == "tang":
+                argv = cryptsetup.open_argv(device, name, key_options(volume), key_file="-")
+                steps.append(Step(argv, timeout=timeout, source=source, key_from_tang=True))
+            elif source == "keyring":
+                argv = cryptsetup.open_argv(device, name, key_options(volume), key_file="-")
+                steps.append(Step(argv, timeout=timeout, source=source, key_from_keyring=True))
+            elif binary:
+                options = _headless(key_options(volume))
+                argv = cryptsetup.attach_argv(binary, name, device, key_file, options)
+                steps.append(Step(argv, timeout=timeout, source=source))
+            else:
+                argv = cryptsetup.open_argv(device, name, key_options(volume), key_file)
+                steps.append(Step(argv, timeout=timeout, source=source))
+    except LuksvmError as error:
+        return Plan(name, "unlock", refusal=f"cannot unlock {error}")
+    note = f"tries {', '.join(volume.unlock_sources())}, {timeout:g} s each, no prompt"
+    return Plan(name, "unlock", tuple(steps), notes=(note,), attempts=True)
+
+
+def fallback_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Plan:
+    """An admin's unlock of an unattended volume whose unit failed (every source failed): ask for
+    the passphrase or recovery key on this terminal, then start the unit, which adopts the open
+    mapping and locks it at shutdown."""
+    name, device = volume.name, volume.device
+    if not probe.terminal:
+        return Plan(
+            name,
+            "unlock",
+            refusal=f"cannot unlock {name}: its unattended keys failed ({unlock_unit(name)} "
+            "failed) and there is no terminal to ask for the passphrase or recovery key on; "
+            f"log in with one: ssh -t HOST luksvm unlock {name}",
+        )
+    options = [o for o in key_options(volume) if o.partition("=")[0] not in ("headless", "luks")]
+    try:
+        if probe.systemd_cryptsetup:
+            argv = cryptsetup.attach_argv(
+                probe.systemd_cryptsetup, name, device, "-", ["luks", *options]
+            )
+        else:
+            argv = cryptsetup.open_argv(device, name, options)
+    except LuksvmError as error:
+        return Plan(name, "unlock", refusal=f"cannot unlock {error}")
+    ask = Step(
+        argv,
+        interactive=True,
+        source="prompt",
+        says="its unattended keys failed: asking for the passphrase or recovery key",
+    )
+    adopt = Step(("systemctl", "start", unlock_unit(name)), timeout=SYSTEMCTL_TIMEOUT)
+    return Plan(name, "unlock", (ask, adopt))
 
 
 def guests_to_start(config: Config, volumes: Iterable[str], unlocked: set[str]) -> list[str]:
@@ -206,9 +321,14 @@ def unlock(
         except LuksvmError as error:
             plans.append(Plan(volume.name, "unlock", refusal=f"cannot unlock {error}"))
             continue
-        plans.append(
-            unlock_plan(volume, probe_unlock(volume, active, unit_active), key_file=key_file)
+        probe = probe_unlock(
+            volume,
+            active,
+            unit_active,
+            unit_failed=states.get(unit) == "failed",
+            attempt_timeout=attempt_timeout(volume, config.settings),
         )
+        plans.append(unlock_plan(volume, probe, key_file=key_file))
     failures = [] if dry_run else execute_each(plans, config)
     if via_units:
         # A dry run predicts; a real one looks at what is open now.
@@ -514,6 +634,9 @@ def execute(plan: Plan, config: Config) -> None:
         log.info("%s: %s", plan.volume, plan.done, extra=fields)
         return
     volume = config.volume(plan.volume) if plan.volume else None
+    if plan.attempts and volume is not None:
+        _execute_attempts(plan, volume, config)
+        return
     for step in plan.steps:
         if step.unheld and volume is not None:
             _refuse_if_held(volume)
@@ -536,7 +659,62 @@ def execute(plan: Plan, config: Config) -> None:
                 return
             raise LuksvmError(_failed(plan, step, error)) from None
     if volume is not None:
-        _verify(plan)
+        _verify(plan, volume)
+
+
+def _execute_attempts(plan: Plan, volume: Volume, config: Config) -> None:
+    """Try each unattended source once, in order, until the volume is open; log which one did
+    (LUKSVM_KEY_SOURCE on the "unlocked" message). All failing fails at once, with a hint."""
+    failed = []
+    for step in plan.steps:
+        try:
+            secret = None
+            started = time.monotonic()
+            if step.key_from_keyring:
+                secret = keys.keyring_secret(volume, config.settings)
+            elif step.key_from_tang:
+                secret = _tang_key(volume, step.timeout)
+            # one bound for the whole attempt: what fetching the key took is not given twice
+            left = max(step.timeout - (time.monotonic() - started), 1.0)
+            run(step.argv, timeout=left, stdin=secret, secret=secret is not None)
+        except LuksvmError as error:
+            why = str(error).splitlines()[-1] if str(error) else "failed"
+            failed.append(f"{step.source}: {why}")
+            log.warning(
+                "%s: the %s key did not unlock it: %s",
+                volume.name,
+                step.source,
+                why,
+                extra=journal.fields(
+                    volume=volume.name, message_id="unlock-attempt-failed", key_source=step.source
+                ),
+            )
+            continue
+        if volume.name in devmapper.names():
+            fields = journal.fields(
+                volume=volume.name, message_id="unlocked", key_source=step.source
+            )
+            log.info("%s: unlocked (%s)", volume.name, step.source, extra=fields)
+            return
+        failed.append(f"{step.source}: still locked after {shlex.join(step.argv)}")
+    raise journal.logged_error(
+        f"cannot unlock {volume.name}: every unattended key failed ({'; '.join(failed)}); no "
+        f"prompt at boot. Unlock it in a terminal with its passphrase or recovery key: ssh -t "
+        f"HOST luksvm unlock {volume.name}; see luksvm keys {volume.name}",
+        journal.fields(volume=volume.name),
+    )
+
+
+def _tang_key(volume: Volume, timeout: float) -> bytes:
+    """The key a Tang server releases for one of the volume's clevis keyslots (clevis luks pass)."""
+    inventory = tokens.read_inventory(volume.device)
+    slots = [s for t in inventory.tokens if t.kind in ("tang", "sss") for s in t.keyslots]
+    if not slots:
+        raise LuksvmError(f"{volume.device} has no Tang (clevis) token")
+    result = run(
+        ["clevis", "luks", "pass", "-d", volume.device, "-s", str(slots[0])], timeout=timeout
+    )
+    return result.stdout.encode("utf-8")
 
 
 def _refuse_if_held(volume: Volume) -> None:
@@ -553,10 +731,17 @@ def _failed(plan: Plan, step: Step, error: CommandError) -> str:
     return f"cannot {plan.action} {plan.volume}: {error}"
 
 
-def _verify(plan: Plan) -> None:
+KEY_SOURCES = {"file": "keyfile", "keyring": "keyring", "ask": "prompt"}
+
+
+def _verify(plan: Plan, volume: Volume) -> None:
     """Say what happened, and check it did (a unit's ExecStop failing still stops the unit)."""
     is_open = plan.volume in devmapper.names()
     fields = journal.fields(volume=plan.volume, message_id=f"{plan.action}ed")
+    direct = plan.steps and plan.steps[0].argv[:2] != ("systemctl", "start")
+    if plan.action == "unlock" and direct:  # through the unit: the unit's own message says it
+        source = plan.steps[0].source or KEY_SOURCES.get(volume.key.kind, "prompt")
+        fields = journal.fields(volume=plan.volume, message_id="unlocked", key_source=source)
     if plan.action == "unlock" and is_open:
         log.info("%s: unlocked", plan.volume, extra=fields)
     elif plan.action == "lock" and not is_open:

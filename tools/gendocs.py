@@ -435,7 +435,10 @@ def manual_crypttab() -> str:
             for name, text in config.LUKSVM_OPTIONS.items()
             for line in (
                 ".TP",
-                _bold(f"{config.LUKSVM_PREFIX}{name}=") + _italic(name.upper()),
+                _bold(f"{config.LUKSVM_PREFIX}{name}")
+                if name in config.LUKSVM_FLAGS
+                else _bold(f"{config.LUKSVM_PREFIX}{name}=")
+                + _italic(config.LUKSVM_OPTION_VALUES.get(name, name.upper())),
                 roff(_sentence(text)),
             )
         ],

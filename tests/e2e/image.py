@@ -72,6 +72,17 @@ PACKAGES = (
     "python3-pexpect",
     "python3-keyring",
     "python3-pip",
+    # unattended keys: TPM2 (systemd-cryptenroll needs the libtss2 libraries, only Suggests of
+    # systemd) and Tang (a server on loopback, clevis to bind and unlock)
+    "libtss2-esys-3.0.2-0",
+    "libtss2-rc0",
+    "libtss2-mu0",
+    "libtss2-tcti-device0",
+    "tang",
+    "clevis",
+    "clevis-luks",
+    "clevis-systemd",
+    "curl",
     # many hosts: the Ansible collection runs here (connection local; python3-apt for its
     # package module), node_exporter serves luksvm's metrics over loopback
     "ansible-core",

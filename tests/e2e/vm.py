@@ -15,6 +15,7 @@ fails, hangs or panics raises BootFailed with the last lines of the serial conso
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import operator
@@ -25,7 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -301,6 +302,7 @@ class Machine:
         self.qemu = qemu
         self.boots: list[BootResult] = []
         self.frozen = False  # a machine others are cloned from must not change
+        self.tpm_state: Path | None = None  # a TPM 2.0 (swtpm) with its state here; see add_tpm
 
     @classmethod
     def fresh(
@@ -332,6 +334,17 @@ class Machine:
         disk = Disk(name, path, "raw")
         self.disks.append(disk)
         return disk
+
+    def add_tpm(self, *, fresh: bool = False) -> Path:
+        """Give the machine a TPM 2.0 from the next boot: swtpm on this host, its state in
+        workdir/tpm, kept from boot to boot. fresh=True replaces it with a new TPM (new seeds:
+        nothing sealed to the old one unseals)."""
+        state = self.workdir / "tpm"
+        if fresh:
+            shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(exist_ok=True)
+        self.tpm_state = state
+        return state
 
     def disk(self, name: str) -> Disk:
         for disk in self.disks:
@@ -405,13 +418,14 @@ class Machine:
         e2e_img = self._write_e2e_disk(bdir, inputs, script, files or {})
         console = bdir / "console.log"
         effective = settings.scaled(timeout)
-        outcome = run_bounded(
-            self._qemu_argv(e2e_img, console, kernel_args),
-            console=console,
-            log=bdir / "qemu.log",
-            timeout=effective,
-            marks={"runner_start": "E2E-BEGIN", "scenario_end": "E2E-RC:"},
-        )
+        with _swtpm(self.tpm_state, bdir) as tpm_socket:
+            outcome = run_bounded(
+                self._qemu_argv(e2e_img, console, kernel_args, tpm_socket),
+                console=console,
+                log=bdir / "qemu.log",
+                timeout=effective,
+                marks={"runner_start": "E2E-BEGIN", "scenario_end": "E2E-RC:"},
+            )
         _read_back(e2e_img, bdir)
         e2e_img.unlink()
         rc_file = bdir / "rc"
@@ -584,7 +598,9 @@ class Machine:
         shutil.rmtree(stage)
         return image
 
-    def _qemu_argv(self, e2e_img: Path, console: Path, kernel_args: str) -> list[str]:
+    def _qemu_argv(
+        self, e2e_img: Path, console: Path, kernel_args: str, tpm_socket: Path | None = None
+    ) -> list[str]:
         argv = [
             self.qemu,
             "-nodefaults",
@@ -625,7 +641,46 @@ class Machine:
                 "-device",
                 f"virtio-blk-pci,drive=d{number},serial={disk.name}",
             ]
+        if tpm_socket is not None:
+            argv += [
+                "-chardev", f"socket,id=chrtpm,path={tpm_socket}",
+                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                "-device", "tpm-tis,tpmdev=tpm0",
+            ]  # fmt: skip
         return argv
+
+
+@contextlib.contextmanager
+def _swtpm(state: Path | None, bdir: Path) -> Iterator[Path | None]:
+    """swtpm serving the TPM state in `state` to one QEMU run on a socket in `bdir`."""
+    if state is None:
+        yield None
+        return
+    socket_path = bdir / "swtpm.sock"
+    with open(bdir / "swtpm.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                "--ctrl", f"type=unixio,path={socket_path}", "--terminate",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"swtpm did not start; see {bdir / 'swtpm.log'}")
+            time.sleep(0.05)
+        yield socket_path
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # Every boot of this session, and what tests chose to report, for the "e2e timings" summary at the

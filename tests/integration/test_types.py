@@ -13,7 +13,8 @@ doctor.Finding("FAILED", "host", "a status doctor does not have")
 guests.Stopped("mail", "killed", 1.0)
 row: status.VolumeStatus = {
     "name": "cr_a", "state": "open", "device": "/dev/a", "device_present": True,
-    "open_count": None, "holders": [], "guest_vgs": [], "key": "file", "noauto": False,
+    "open_count": None, "holders": [], "guest_vgs": [], "key": "file", "key_source": None,
+    "noauto": False,
     "guests": [], "unit": None,
 }
 """

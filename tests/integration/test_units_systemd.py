@@ -300,3 +300,37 @@ def test_systemd_reads_tricky_names_and_paths_as_written(tmp_path: Path) -> None
     assert "Source Path: /etc/luksvm/crypttab.d/10-100%.conf" in dump
     assert 'RequiresMountsFor: /etc/luksvm/keys/a%b\\c".key (origin-file)' in dump
     assert "BindsTo: dev-vg-p.device (origin-file)" in dump
+
+
+def test_unattended_volumes_units_verify_with_their_bound_and_network_ordering(
+    tmp_path: Path,
+) -> None:
+    root = host_root(tmp_path, packaged=True)
+    write_config(
+        root,
+        {
+            "10-seed.conf": SEED_CRYPTTAB,
+            "30-unattended.conf": "cr_t /dev/vg/t - luks,tpm2-device=auto,x-luksvm.guest=t\n"
+            "cr_n /dev/vg/n - luks,x-luksvm.tang,x-luksvm.unattended-timeout=20s\n"
+            "cr_k /dev/vg/k /etc/luksvm/keys/k luks,tpm2-device=auto,x-luksvm.tang\n",
+        },
+        "[keys]\nunattended_timeout = 45s\n",
+    )
+    luksvm_apply(root)
+    proc = verify(root, units_to_verify(root))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+    def dropin(volume: str) -> list[str]:
+        path = root / UNIT_DIR / f"{units.unlock_unit(volume)}.d/50-luksvm.conf"
+        return path.read_text().splitlines()
+
+    t, n, k = dropin("cr_t"), dropin("cr_n"), dropin("cr_k")
+    # never prompts: ordered before libvirt like a keyfile volume
+    assert all("Before=libvirtd.service virtqemud.service" in d for d in (t, n, k))
+    assert "TimeoutStartSec=1min 15s" in t  # one source × 45 s + 30 s
+    assert "TimeoutStartSec=50s" in n  # the volume's own 20 s bound
+    assert "TimeoutStartSec=2min 45s" in k  # TPM2, Tang, keyfile
+    assert "After=network-online.target" in n and "Wants=network-online.target" in k
+    assert not any("network-online" in line for line in t)
+    target = (root / SYSTEM_UNITS.lstrip("/") / units.TARGET).read_text()
+    assert "DefaultDependencies=no" in target.splitlines()

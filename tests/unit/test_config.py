@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luksvm import config
-from luksvm.config import ConfigError, parse_crypttab, parse_settings
+from luksvm.config import ConfigError, Settings, parse_crypttab, parse_settings
 from tests.conftest import write_config
 
 
@@ -69,11 +69,43 @@ def test_key_kinds_and_sources() -> None:
     assert volumes[0].interactive and not volumes[0].noauto
 
 
-def test_headless_token_is_not_interactive() -> None:
-    volumes, _ = parse_crypttab("t /dev/sdc - luks,tpm2-device=auto,headless=true\n", "f")
-    assert not volumes[0].interactive
-    volumes, _ = parse_crypttab("t /dev/sdc - luks,tpm2-device=auto\n", "f")
-    assert volumes[0].interactive
+def test_token_and_tang_volumes_are_unattended_never_interactive() -> None:
+    # luksvm tries each unattended source headless with one try (DESIGN, second turn): a token
+    # volume never prompts at boot, with or without headless= written
+    volumes, _ = parse_crypttab(
+        "t /dev/sdc - luks,tpm2-device=auto,headless=true\n"
+        "u /dev/sdd - luks,tpm2-device=auto\n"
+        "n /dev/sde - luks,x-luksvm.tang,x-luksvm.unattended-timeout=10s\n"
+        "k /dev/sdf /etc/luksvm/keys/k luks,tpm2-device=auto,x-luksvm.tang\n"
+        "p /dev/sdg - luks\n",
+        "f",
+    )
+    t, u, n, k, p = volumes
+    assert not any(v.interactive for v in (t, u, n, k)) and p.interactive
+    assert (t.unlock_sources(), n.unlock_sources()) == (("tpm2",), ("tang",))
+    assert k.unlock_sources() == ("tpm2", "tang", "keyfile")
+    assert n.tang and n.unattended_timeout == 10_000_000 and n.options == ("luks",)
+    assert not p.unattended and p.unlock_sources() == ()
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ("x-luksvm.tang=yes", "takes no value"),
+        ("x-luksvm.unattended-timeout=0", "above 0"),
+        ("x-luksvm.unattended-timeout=soon", "not a time span"),
+    ],
+)
+def test_unattended_options_are_checked(option: str, needle: str) -> None:
+    _, problems = parse_crypttab(f"t /dev/sdc - luks,{option}\n", "f")
+    assert len(problems) == 1 and needle in problems[0].message
+    assert problems[0].where.column == len("t /dev/sdc - luks,") + 1
+
+
+def test_keys_unattended_timeout_setting() -> None:
+    settings, problems = parse_settings("[keys]\nunattended_timeout = 45s\n", "luksvm.conf")
+    assert not problems and settings.unattended_timeout == 45_000_000
+    assert Settings().unattended_timeout == 30_000_000
 
 
 @pytest.mark.parametrize(

@@ -494,7 +494,7 @@ def test_keyfile_on_an_unencrypted_filesystem_warns_and_a_missing_one_fails(
     findings = run_check(Host(str(root)), "keys")
     assert by(findings, "cr_a").status == WARN
     assert "sda2, which is not encrypted" in by(findings, "cr_a").message
-    assert "tpm2-device=auto" in by(findings, "cr_a").fix
+    assert "luksvm enroll cr_a --tpm2" in by(findings, "cr_a").fix
     assert by(findings, "cr_b").status == FAIL
     assert by(findings, "cr_c").status == OK
     assert by(findings, "cr_d").status == OK

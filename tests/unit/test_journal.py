@@ -34,3 +34,27 @@ def test_journal_handler_gives_python_systemd_what_it_formats(
     assert errors == []
     assert sent[0]["LUKSVM_GUEST"] == "mail"
     assert sent[0]["CODE_LINE"] == 7
+
+
+def test_key_sources_takes_the_latest_unlocked_message_per_volume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # journald does not run on the host tier: journalctl's JSON lines as it prints them
+    from luksvm import run as run_module
+
+    lines = [
+        '{"LUKSVM_VOLUME":"cr_t","LUKSVM_KEY_SOURCE":"tpm2","__CURSOR":"a"}',
+        '{"LUKSVM_VOLUME":"cr_n","LUKSVM_KEY_SOURCE":"tang"}',
+        '{"LUKSVM_VOLUME":"cr_t","LUKSVM_KEY_SOURCE":"prompt"}',
+        '{"LUKSVM_VOLUME":"cr_old"}',
+        "not json",
+    ]
+    seen = []
+
+    def fake(argv: list[str], **kw: object) -> run_module.Result:
+        seen.append(argv)
+        return run_module.Result(tuple(argv), 0, "\n".join(lines), "")
+
+    monkeypatch.setattr(run_module, "run", fake)
+    assert journal.key_sources() == {"cr_t": "prompt", "cr_n": "tang"}
+    assert f"MESSAGE_ID={journal.MESSAGE_IDS['unlocked']}" in seen[0] and "-b" in seen[0]

@@ -558,8 +558,88 @@ def test_lock_asks_libvirt_nothing_when_no_guest_unit_is_active(
     assert plan.commands() == ["systemctl stop luksvm-unlock@cr_imap_encr.service"]
 
 
-def test_keyring_volume_with_a_token_option_does_not_blame_a_missing_systemd_cryptsetup() -> None:
+# --- unattended volumes ------------------------------------------------------------------------
+
+
+def test_unattended_volume_tries_token_then_tang_then_keyfile_each_bounded_and_headless() -> None:
+    vol = volume(
+        "cr_k /dev/vg/k /etc/luksvm/keys/k "
+        "luks,discard,tpm2-device=auto,tpm2-pcrs=7,x-luksvm.tang,x-luksvm.guest=mail"
+    )
+    plan = unlock_plan(vol, probe(attempt_timeout=12.0), key_file="/etc/luksvm/keys/k")
+    assert plan.attempts and not plan.refusal
+    assert [s.source for s in plan.steps] == ["tpm2", "tang", "keyfile"]
+    assert all(s.timeout == 12.0 and not s.interactive for s in plan.steps)
+    tpm2, tang, keyfile = plan.steps
+    # the token alone (no key file: with tpm2-device= it would be read as a sealed blob)
+    assert tpm2.argv == (
+        SCS, "attach", "cr_k", "/dev/vg/k", "-",
+        "luks,discard,tpm2-device=auto,tpm2-pcrs=7,headless=true,tries=1",
+    )  # fmt: skip
+    assert tang.key_from_tang and tang.argv == (
+        "cryptsetup", "open", "--type", "luks", "--allow-discards", "--key-file=-",
+        "/dev/vg/k", "cr_k",
+    )  # fmt: skip
+    # the keyfile without any token option: it is never given both
+    assert keyfile.argv == (
+        SCS, "attach", "cr_k", "/dev/vg/k", "/etc/luksvm/keys/k",
+        "luks,discard,headless=true,tries=1",
+    )  # fmt: skip
+
+
+def test_unattended_headless_and_tries_are_forced_even_when_written_otherwise() -> None:
+    vol = volume("cr_t /dev/vg/t - luks,tpm2-device=auto,headless=false,tries=3")
+    (step,) = unlock_plan(vol, probe()).steps
+    assert step.argv[-1] == "luks,tpm2-device=auto,headless=true,tries=1"
+
+
+def test_admin_unlock_after_the_unit_failed_asks_on_the_terminal_then_the_unit_adopts() -> None:
+    vol = volume("cr_t /dev/vg/t - luks,discard,tpm2-device=auto,x-luksvm.tang")
+    plan = unlock_plan(vol, probe(unit_active=False, unit_failed=True))
+    ask, adopt = plan.steps
+    assert ask.interactive and ask.source == "prompt"
+    assert ask.argv == (SCS, "attach", "cr_t", "/dev/vg/t", "-", "luks,discard")
+    assert adopt.argv == ("systemctl", "start", "luksvm-unlock@cr_t.service")
+    # the unit has not failed yet: it tries the unattended keys itself
+    plan = unlock_plan(vol, probe(unit_active=False))
+    assert [s.argv for s in plan.steps] == [("systemctl", "start", "luksvm-unlock@cr_t.service")]
+    refused = unlock_plan(vol, probe(unit_active=False, unit_failed=True, terminal=False))
+    assert "ssh -t HOST luksvm unlock cr_t" in refused.refusal and not refused.steps
+
+
+def test_attempt_timeout_per_volume_overrides_the_setting() -> None:
+    settings = config.Settings(unattended_timeout=20_000_000)
+    assert unlock.attempt_timeout(volume("a /dev/a - luks,x-luksvm.tang"), settings) == 20.0
+    vol = volume("a /dev/a - luks,x-luksvm.tang,x-luksvm.unattended-timeout=1min")
+    assert unlock.attempt_timeout(vol, settings) == 60.0
+
+
+def test_fido2_and_pkcs11_options_pass_through_unchanged_to_the_token_attempt() -> None:
+    # no real FIDO2 key or PKCS#11 token in the VM: what luksvm can prove is that their options
+    # reach systemd-cryptsetup as written, and that the keyfile attempt never carries them
+    vol = volume(
+        "cr_f /dev/vg/f /etc/luksvm/keys/f "
+        "luks,fido2-device=auto,fido2-rp=io.systemd.cryptsetup,token-timeout=10s"
+    )
+    token, keyfile = unlock_plan(vol, probe(), key_file="/etc/luksvm/keys/f").steps
+    assert token.source == "fido2" and token.argv[-1] == (
+        "luks,fido2-device=auto,fido2-rp=io.systemd.cryptsetup,token-timeout=10s,"
+        "headless=true,tries=1"
+    )
+    assert keyfile.argv[-1] == "luks,headless=true,tries=1"
+    vol = volume("cr_p /dev/vg/p - luks,pkcs11-uri=auto")
+    (step,) = unlock_plan(vol, probe()).steps
+    assert step.source == "pkcs11" and step.argv[-1] == "luks,pkcs11-uri=auto,headless=true,tries=1"
+
+
+def test_keyring_volume_with_a_token_option_tries_the_token_then_the_keyring_key() -> None:
+    # DESIGN, second turn: the token is the unattended source, the key field its fallback; each
+    # attempt gets only its own options (cryptsetup open with a keyring key never sees tpm2-*)
     vol = volume("cr_web UUID=ABC keyring:luksvm/cr_web luks,tpm2-device=auto")
     plan = unlock_plan(vol, probe(systemd_cryptsetup="/lib/systemd/systemd-cryptsetup"))
-    assert "cannot be used with a keyring: key" in plan.refusal
-    assert "lacks" not in plan.refusal
+    assert not plan.refusal
+    token, keyring = plan.steps
+    assert (
+        token.source == "tpm2" and token.argv[-1] == "luks,tpm2-device=auto,headless=true,tries=1"
+    )
+    assert keyring.key_from_keyring and not any("tpm2" in a for a in keyring.argv)

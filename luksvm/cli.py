@@ -15,6 +15,7 @@ from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError
 
 if TYPE_CHECKING:
     from luksvm import guests
+    from luksvm.config import Config
 
 log = logging.getLogger("luksvm")
 
@@ -44,13 +45,25 @@ def print_table(rows: Sequence[Sequence[str]]) -> None:
 # --- commands: each handler imports what it needs, so `luksvm --help` stays light -------------
 
 
+def option_warnings(cfg: Config) -> tuple[int | None, list[str]]:
+    """The installed systemd's version and the options it would ignore, each printed once."""
+    from luksvm import config, crypttab_options
+
+    version = crypttab_options.installed_systemd_version(cfg.root)
+    warnings = [str(w) for w in config.option_warnings(cfg, version)]
+    for warning in warnings:
+        print(f"luksvm: warning: {warning}", file=sys.stderr)
+    return version, warnings
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from luksvm import config
 
     cfg = config.load(args.root)
     data = config.describe(cfg)
+    version, warnings = option_warnings(cfg)
     if args.json:
-        print_json(data)
+        print_json({**data, "systemd_version": version, "warnings": warnings})
         return EXIT_OK
     volumes: list[dict[str, Any]] = data["volumes"]  # type: ignore[assignment]
     guests: list[dict[str, Any]] = data["guests"]  # type: ignore[assignment]
@@ -389,6 +402,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from luksvm import apply, config, guests
 
     cfg = config.load(args.root)
+    option_warnings(cfg)
     plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)

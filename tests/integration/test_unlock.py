@@ -138,9 +138,9 @@ def test_unlock_from_its_unit_loads_only_what_unlock_uses(tmp_path: Path, mappin
     )
     (root / "etc/luksvm/keys").mkdir(parents=True)
     keyfile(root / "etc/luksvm/keys/a.key", KEY)
+    command = ["unlock", "--no-start", "--dry-run", mapping]
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "luksvm", "--root", str(root)]
-        + ["unlock", "--no-start", "--dry-run", mapping],
+        [sys.executable, "-X", "importtime", "-m", "luksvm", "--root", str(root), *command],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -268,7 +268,8 @@ def main() -> int:
         for index, mode in enumerate(modes):
             next_mode = modes[index + 1] if index + 1 < len(modes) else "luksvm"
             files = {"mode": mode, "next-mode": next_mode, "rounds": str(args.rounds)}
-            result = machine.boot(MEASURE + SWITCH, files=files, timeout=1200)
+            # the switch first (files and flags only, read at the next boot): MEASURE may end early
+            result = machine.boot(SWITCH + MEASURE, files=files, timeout=1200)
             results.append((mode, result))
         journal = machine.read_journal()  # every boot, the last one's shutdown included
         return report(results, journal, args.json)

@@ -33,6 +33,7 @@ Medians over the boots (and --rounds unit rounds a luksvm boot, each side first 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -251,13 +252,33 @@ def unit_rounds(text: str) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def kept_boots(workdir: Path) -> tuple[list[tuple[str, BootResult]], Journal]:
+    """The measured boots of a kept --workdir (boot 2 is the first luksvm boot, then they
+    alternate), and the newest journal among them (a boot's shutdown is in the next one's)."""
+    results = []
+    host = workdir / "host"
+    index = 2
+    while (host / f"boot-{index}" / "rc").exists():
+        bdir = host / f"boot-{index}"
+        boot_id = (bdir / "boot_id").read_text().strip().replace("-", "")
+        result = BootResult("bench", index, bdir, "", 0, boot_id, 0.0, None)
+        results.append(("luksvm" if index % 2 == 0 else "baseline", result))
+        index += 1
+    if not results:
+        raise SystemExit(f"{workdir}: no measured boot kept")
+    return results, Journal.load(results[-1][1].dir / "journal.json")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boots", type=int, default=3, help="boots of each mode (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="unit rounds a luksvm boot")
     parser.add_argument("--workdir", type=Path, help="keep the VM and its logs here")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--report", type=Path, help="only report on the boots of a kept WORKDIR")
     args = parser.parse_args()
+    if args.report:
+        return report(*kept_boots(args.report), args.json)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luksvm-bench-boot-"))
     image, _ = ensure_image(settings.cache_dir())
     wheel = build_wheel(workdir / "wheel")
@@ -286,7 +307,9 @@ def report(results: list[tuple[str, BootResult]], journal: Journal, out: Path | 
     units: dict[str, dict[str, list[float]]] = {}
     for mode, result in results:
         figures = boot_figures(journal, result)
-        figures.update(shutdown_figures(journal, result.boot_id or "", mode))
+        # the newest boot's shutdown is not in a --report journal
+        with contextlib.suppress(AssertionError):
+            figures.update(shutdown_figures(journal, result.boot_id or "", mode))
         per_mode[mode].append(figures)
         if mode == "luksvm":
             for what, sides in unit_rounds(result.text("units.txt")).items():
@@ -297,7 +320,7 @@ def report(results: list[tuple[str, BootResult]], journal: Journal, out: Path | 
         return median([f[key] for f in per_mode[mode] if f.get(key) is not None])
 
     rows = []
-    for what in ("unlock", "start", "stop"):
+    for what in (w for w in ("unlock", "start", "stop") if w in units):
         ours, bare = median(units[what]["luksvm"]), median(units[what]["bare"])
         rows.append((f"{what} (unit, ms)", ours, bare, round(ours / bare, 2), 1.15))
     for key, label in (("multi_user_s", "multi-user.target (s)"),
@@ -315,7 +338,10 @@ def report(results: list[tuple[str, BootResult]], journal: Journal, out: Path | 
     print("\nper boot:", json.dumps(per_mode, indent=1))
     print("unit samples (ms):", json.dumps(units))
     for mode in ("luksvm", "baseline"):
-        last = [r for m, r in results if m == mode][-1]
+        kept = [r for m, r in results if m == mode]
+        if not kept:
+            continue
+        last = kept[-1]
         for name in ("analyze.txt", "chain-multi-user.txt", "chain-guests.txt"):
             print(f"\n--- {mode}: {name} ---\n{last.text(name)}")
     if out:

@@ -213,8 +213,7 @@ def boot_figures(journal: Journal, result: BootResult) -> dict[str, Any]:
 def shutdown_figures(journal: Journal, boot: str, mode: str) -> dict[str, Any]:
     """The shutdown of `boot`, from a later journal."""
     # logind's word for the poweroff request (the runner first dumps the journal: not counted)
-    asked = journal.find(r"The system will power off now", boot=boot)
-    end = asked[0] if asked else journal.first(r"^E2E-RC:", boot=boot)
+    end = journal.first(r"The system will power off now", boot=boot)
     after = [e for e in journal.find(boot=boot) if e.monotonic >= end.monotonic]
     figures: dict[str, Any] = {"shutdown_s": round((after[-1].monotonic - end.monotonic) / 1e6, 3)}
     if mode != "luksvm":

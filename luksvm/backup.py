@@ -664,7 +664,11 @@ def backup_headers(
                 message = (
                     str(error) if isinstance(error, LuksvmError) else f"{volume.name}: {error}"
                 )
-                log.error("%s", message, extra=journal.fields(volume=volume.name))
+                log.error(
+                    "%s",
+                    message,
+                    extra=journal.fields(volume=volume.name, message_id="header-backup-failed"),
+                )
                 outcome = Outcome(volume.name, volume.device, error=message)
             outcomes.append(outcome)
     return BackupReport(

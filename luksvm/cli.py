@@ -107,17 +107,31 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             [["CHECK", "WHAT IT PROVES"]] + [[c.name, c.description] for c in doctor.CHECKS]
         )
         return EXIT_OK
-    report = doctor.doctor(args.root, args.checks)
     if args.prometheus:
-        text = doctor.prometheus_text(
-            report.findings, duration=report.duration, now=report.finished
+        # Two writers of luksvm.prom would be duplicate series: metrics is the only one.
+        raise UsageError(
+            "luksvm doctor --prometheus is gone: luksvm.prom has one writer now, luksvm metrics "
+            "(its luksvm_doctor_status holds doctor's results)",
+            fix=f"luksvm metrics --textfile {shlex.quote(args.prometheus)}, or systemctl enable "
+            "--now luksvm-metrics.timer",
         )
-        doctor.write_textfile(args.prometheus, text)
+    report = doctor.doctor(args.root, args.checks)
     if args.json:
         print_json(doctor.as_json(report.findings))
     else:
         sys.stdout.write(doctor.format_report(report.checks, report.findings))
     return report.exit_code
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from luksvm import metrics
+
+    text = metrics.render(metrics.collect(args.root))
+    if args.textfile:
+        metrics.write_textfile(args.textfile, text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _volumes(args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -528,11 +542,22 @@ def build_parser() -> Parser:
     doctor_parser.add_argument(
         "--prometheus",
         metavar="FILE",
-        help="also write the results for node_exporter's textfile collector (atomically)",
+        help=argparse.SUPPRESS,  # moved to `luksvm metrics --textfile`; says so when given
     )
     doctor_parser.add_argument("--list", action="store_true", help="list the checks and exit")
     doctor_parser.add_argument("checks", nargs="*", metavar="CHECK", help="run only these checks")
     doctor_parser.set_defaults(func=cmd_doctor)
+
+    metrics_parser = commands.add_parser(
+        "metrics",
+        help="the host's state as Prometheus metrics (node_exporter textfile); doctor included",
+    )
+    metrics_parser.add_argument(
+        "--textfile",
+        metavar="FILE",
+        help="write FILE atomically (node_exporter's textfile directory) instead of stdout",
+    )
+    metrics_parser.set_defaults(func=cmd_metrics)
 
     unlock = commands.add_parser(
         "unlock",

@@ -25,7 +25,6 @@ from luksvm import (
     blockdev,
     config,
     cryptsetup,
-    files,
     guests,
     keys,
     lvm,
@@ -45,8 +44,6 @@ FAIL: Final = "FAIL"
 SKIP: Final = "SKIP"
 STATUSES: tuple[Status, ...] = (SKIP, OK, WARN, FAIL)  # from best to worst
 EXIT_CODES: dict[Status, int] = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
-# Prometheus gauge values: alert on > 0; a skipped check is -1, so it never passes for healthy.
-GAUGE_VALUES: dict[Status, int] = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
 HOST = "host"  # the subject of findings about the host as a whole
 
 T = TypeVar("T")
@@ -432,56 +429,6 @@ def _names(names: Sequence[str], shown: int = 6) -> str:
     if len(names) <= shown:
         return ", ".join(names)
     return ", ".join(names[:shown]) + f" and {len(names) - shown} more"
-
-
-def prometheus_text(findings: Sequence[Finding], *, duration: float, now: float) -> str:
-    """node_exporter textfile format: one gauge sample per check and subject (its worst status)."""
-    worst_by: dict[tuple[str, str], Status] = {}
-    for f in findings:
-        key = (f.check, f.subject)
-        worst_by[key] = worst([f, Finding(worst_by[key], "", "")]) if key in worst_by else f.status
-    lines = [
-        "# HELP luksvm_doctor_status luksvm doctor result per check and subject "
-        "(0 ok, 1 warning, 2 failure, -1 skipped).",
-        "# TYPE luksvm_doctor_status gauge",
-    ]
-    for (name, subject), status in worst_by.items():
-        lines.append(
-            f'luksvm_doctor_status{{check="{_label(name)}",subject="{_label(subject)}"}} '
-            f"{GAUGE_VALUES[status]}"
-        )
-    lines += [
-        "# HELP luksvm_doctor_last_run_timestamp_seconds When luksvm doctor last ran.",
-        "# TYPE luksvm_doctor_last_run_timestamp_seconds gauge",
-        f"luksvm_doctor_last_run_timestamp_seconds {now:.3f}",
-        "# HELP luksvm_doctor_duration_seconds How long luksvm doctor took.",
-        "# TYPE luksvm_doctor_duration_seconds gauge",
-        f"luksvm_doctor_duration_seconds {duration:.3f}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def write_textfile(path: str, text: str) -> None:
-    """Write the node_exporter textfile so that a reader sees the old or the new file, never half;
-    readable by node_exporter's user (0644)."""
-    path = os.path.abspath(path)
-    why = ""
-    if not os.path.isdir(os.path.dirname(path)):
-        why = "no such directory"
-    else:
-        try:
-            files.write_atomically(path, text, mode=0o644)
-        except OSError as error:
-            why = error.strerror or str(error)
-    if why:
-        raise LuksvmError(
-            f"cannot write {path}: {why}; give the directory node_exporter's "
-            "--collector.textfile.directory reads"
-        )
 
 
 @dataclass(frozen=True)
@@ -917,6 +864,7 @@ def guests_in_libvirt(host: Host) -> Iterator[Finding]:
                 fix=f"luksvm apply --take-over   (or virsh autostart --disable {guest.name})",
             )
     yield _libvirt_guests(host)
+    yield from _libvirt_guests_on_boot(host)
 
 
 def _guest_disks(
@@ -989,6 +937,142 @@ def _libvirt_guests(host: Host) -> Finding:
         fix=f"set ON_SHUTDOWN=shutdown in {where} (luksvm stops its guests before "
         "libvirt-guests runs)",
     )
+
+
+def _libvirt_guests_on_boot(host: Host) -> Iterator[Finding]:
+    """libvirt-guests with ON_BOOT=start (its default) starts at boot the guests it found running
+    at the last shutdown: a luksvm guest left running then (on_timeout=fail) is started outside
+    its unit, before it, whether or not its volumes are unlocked."""
+    if host.unit_files().get("libvirt-guests.service") not in ("enabled", "enabled-runtime"):
+        return
+    path, settings = guests.libvirt_guests_settings(host.config)
+    if settings.get("ON_BOOT") != "start":
+        return
+    where = path or "/etc/default/libvirt-guests"
+    yield Finding.warn(
+        "libvirt-guests ON_BOOT",
+        f"libvirt-guests.service starts at boot the guests it found running at the last shutdown "
+        f"(ON_BOOT=start{'' if path else ', its default'}): a luksvm guest still running then "
+        "(on_timeout=fail) is started by libvirt-guests, not by its unit, whether or not its "
+        "volumes are unlocked",
+        fix=f"set ON_BOOT=ignore in {where} (luksvm starts its guests after their volumes)",
+    )
+
+
+# --- libvirt's own shutdown of guests (libvirt >= 11.2) ------------------------------------------
+
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+AUTO_SHUTDOWN_SINCE = (11, 2, 0)
+# setting → (values that leave luksvm's persistent guests alone, what libvirt does to the guests)
+AUTO_SHUTDOWN_ACTIONS = {
+    "auto_shutdown_try_save": (("none",), "saves their memory (managed save)"),
+    "auto_shutdown_try_shutdown": (("none", "transient"), "shuts them down (ACPI)"),
+    "auto_shutdown_poweroff": (("none", "transient"), "powers them off"),
+}
+CONF_ASSIGNMENT = re.compile(
+    r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?:\"([^\"]*)\"|'([^']*)'|(-?[0-9]+))\s*(?:#.*)?"
+)
+
+
+@dataclass(frozen=True)
+class ConfSetting:
+    value: str
+    line: int  # 1-based, in the file it came from
+
+
+def conf_settings(text: str) -> dict[str, ConfSetting]:
+    """The string and number assignments of a libvirt config file (virConf: `name = "value"`,
+    `name = 1`, `#` comments); the last one of a name wins. Lists are not read."""
+    found = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        match = CONF_ASSIGNMENT.fullmatch(line)
+        if match:
+            name, double, single, integer = match.groups()
+            value = next(v for v in (double, single, integer) if v is not None)
+            found[name] = ConfSetting(value, number)
+    return found
+
+
+def _libvirt_version(host: Host) -> tuple[int, int, int] | None:
+    """The host's libvirt version when doctor looks at the running system, else None."""
+    if not host.live:
+        return None
+    from luksvm import virt
+
+    try:
+        return virt.library_version()
+    except ImportError:
+        return None
+
+
+@check("libvirt-shutdown", "libvirt does not stop or save luksvm's guests itself at host "
+       "shutdown (qemu.conf auto_shutdown_*, libvirt 11.2 and later)")  # fmt: skip
+def libvirt_shutdown(host: Host) -> Iterator[Finding]:
+    cfg = host.config
+    if not cfg.guests:
+        yield Finding.skip(HOST, "no guests configured (x-luksvm.guest=)")
+        return
+    version = _libvirt_version(host)
+    shown = ".".join(map(str, version)) if version else ""
+    if version is not None and version < AUTO_SHUTDOWN_SINCE:
+        yield Finding.ok(
+            HOST, f"libvirt {shown} does not stop guests itself at host shutdown (11.2 does)"
+        )
+        return
+    try:
+        with open(host.path(QEMU_CONF), encoding="utf-8", errors="replace") as f:
+            settings = conf_settings(f.read())
+    except FileNotFoundError:
+        settings = {}
+    except OSError as error:
+        yield Finding.warn(HOST, f"cannot read {QEMU_CONF}: {error.strerror}")
+        return
+    restart = "then restart the daemon (systemctl restart libvirtd, or virtqemud: guests keep "
+    restart += "running)"
+    acting = []
+    for name, (allowed, does) in AUTO_SHUTDOWN_ACTIONS.items():
+        setting = settings.get(name)
+        value = setting.value if setting else "none"
+        if value in allowed:
+            continue
+        acting.append(name)
+        where = f"{QEMU_CONF}:{setting.line}" if setting else QEMU_CONF
+        which = {"all": "every guest", "persistent": "every persistent guest"}.get(
+            value, f"{value!r} guests"
+        )
+        message = (
+            f'{where}: {name} = "{value}": libvirt {does} for {which}, luksvm\'s included, as '
+            "soon as logind announces the shutdown, before systemd stops any unit: unit order "
+            "cannot put luksvm's stop (ACPI wait, its policy, guest VGs off, close) first"
+        )
+        if name == "auto_shutdown_try_save" and guests.save_dir_refusal(cfg) is not None:
+            message += f"; the saved memory lands in /{guests.SAVE_DIR}, which is not encrypted"
+        if host.unit_files().get("libvirt-guests.service") in ("enabled", "enabled-runtime"):
+            message += "; libvirt-guests.service is enabled too (libvirt warns of dueling actions)"
+        transient = ' (or "transient": luksvm\'s guests are persistent)' if len(allowed) > 1 else ""
+        yield Finding.fail(
+            name, message, fix=f'set {name} = "none"{transient} in {QEMU_CONF}, {restart}'
+        )
+    restore = settings.get("auto_shutdown_restore")
+    if acting and (restore is None or restore.value != "0"):
+        where = f"{QEMU_CONF}:{restore.line}" if restore else f"{QEMU_CONF} (default 1)"
+        yield Finding.fail(
+            "auto_shutdown_restore",
+            f"{where}: auto_shutdown_restore = {restore.value if restore else 1}: at the next "
+            "start libvirt restores the guests it stopped, luksvm's included, whether or not "
+            "their volumes are unlocked (a passphrase volume is not, when libvirt starts)",
+            fix=f"set auto_shutdown_restore = 0 in {QEMU_CONF}, {restart}",
+        )
+    if not acting:
+        values = ", ".join(
+            f"{name.replace('auto_shutdown_', '')}="
+            + (settings[name].value if name in settings else "none")
+            for name in AUTO_SHUTDOWN_ACTIONS
+        )
+        about = f"libvirt {shown}" if shown else "libvirt"
+        yield Finding.ok(
+            HOST, f"{about} leaves luksvm's guests to luksvm at host shutdown ({values})"
+        )
 
 
 # --- LVM: the guest VG leak and lvmetad -----------------------------------------------------------

@@ -330,10 +330,20 @@ def stop_guest(
                 "guest %s shut down after %.1f s",
                 name,
                 seconds,
-                extra=journal.fields(guest=name, message_id="guest-stopped"),
+                extra=stop_fields(name, "shutdown", seconds),
             )
             return Stopped(name, "shutdown", seconds)
         return _on_timeout(config, name, policy, domain, began=began, notify=notify)
+
+
+def stop_fields(guest: str, action: str, seconds: float) -> dict[str, str]:
+    """The journal fields of a guest-stopped entry: how it stopped (shutdown, destroyed, saved)
+    and after how many seconds; luksvm metrics reads the last shutdown's from them."""
+    return {
+        **journal.fields(guest=guest, message_id="guest-stopped"),
+        "LUKSVM_STOP_ACTION": action,
+        "LUKSVM_STOP_SECONDS": f"{seconds:.3f}",
+    }
 
 
 def _on_timeout(
@@ -346,19 +356,21 @@ def _on_timeout(
     notify: Callable[..., bool],
 ) -> Stopped:
     fields = journal.fields(guest=name, message_id="guest-timeout")
+    # the entry that says the guest was left running carries the action (luksvm metrics reads it)
+    left_running = {**fields, "LUKSVM_STOP_ACTION": "left-running"}
     waited = format_timespan(policy.stop_timeout)
     if policy.on_timeout == "fail":
         message = (
             f"guest {name!r} still running after {waited}; on_timeout=fail leaves it running, "
             f"so its volumes refuse to lock; {HOST_SHUTDOWN_NOTE}"
         )
-        raise journal.logged_error(message, fields, log)
+        raise journal.logged_error(message, left_running, log)
     if policy.on_timeout == "managedsave":
         refusal = save_dir_refusal(config)
         if refusal is not None:
             raise journal.logged_error(
                 f"guest {name!r} still running after {waited} and left running: {refusal}",
-                fields,
+                left_running,
                 log,
             )
         log.warning(
@@ -391,7 +403,7 @@ def _on_timeout(
         name,
         how,
         seconds,
-        extra=journal.fields(guest=name, message_id="guest-stopped"),
+        extra=stop_fields(name, how, seconds),
     )
     return Stopped(name, how, seconds)
 

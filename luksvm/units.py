@@ -20,10 +20,12 @@ from luksvm.errors import UsageError
 UNLOCK_TEMPLATE = "luksvm-unlock@.service"
 GUEST_TEMPLATE = "luksvm-guest@.service"
 TARGET = "luksvm.target"
-# The maintenance services and their weekly timers (enabled by the admin or the package preset).
+# The maintenance services and their timers (enabled by the admin or the package preset).
 MAINTENANCE_UNITS = (
     "luksvm-header-backup.service",
     "luksvm-header-backup.timer",
+    "luksvm-metrics.service",
+    "luksvm-metrics.timer",
     "luksvm-trim.service",
     "luksvm-trim.timer",
 )

@@ -221,6 +221,15 @@ class Connection:
         self.close()
 
 
+def library_version() -> tuple[int, int, int]:
+    """The version of the libvirt library libvirt-python runs on (no connection, no daemon): on a
+    host with the distribution's packages, the daemon's version too."""
+    import libvirt
+
+    number = int(libvirt.getVersion())
+    return number // 1_000_000, number // 1000 % 1000, number % 1000
+
+
 def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
     """Open `uri` (read-only where reading is enough); VirtError names the URI on failure."""
     import libvirt

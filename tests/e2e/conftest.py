@@ -1,10 +1,16 @@
 """Fixtures of the e2e tier (see README.md in this directory).
 
-- e2e_image (session): the cached Debian VM image, built on first use (about 2-4 min)
+- release (session, parametrized): the Debian release the test boots (see below)
+- e2e_image (session): the cached Debian VM image of that release, built on first use (2-4 min)
 - luksvm_wheel (session): the project's wheel, built from the working tree
 - seed_host (session): the seed host (one boot), frozen; seed_host.clone() gives a Machine
 - host: a fresh clone of the seed host; its disks are deleted after the test
 - machine: a bare VM from the image (no seed, no luksvm); its disks are deleted after the test
+
+Releases: every test that boots a VM runs on settings.FULL_RELEASE; a test marked `stack` (its
+behaviour depends on systemd, libvirt, LVM or cryptsetup) runs on every release, and one marked
+`release("trixie", ...)` on exactly those. LUKSVM_E2E_RELEASES narrows the set. The test id names
+the release: test_x[trixie].
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import pytest
 
 from . import settings, vm
-from .image import Image, ensure_image
+from .image import RELEASES, Image, ensure_image
 from .project import build_wheel
 from .seed import SeedHost
 from .vm import Machine
@@ -40,10 +46,49 @@ KEY_PACKAGES = (
     "lvm2",
     "cryptsetup-bin",
     "libvirt-daemon",
+    "systemd-cryptsetup",
     "python3",
 )
 
 _TIMINGS: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stack: an e2e scenario whose behaviour depends on the stack: every release"
+    )
+    config.addinivalue_line(
+        "markers", "release(*names): an e2e scenario that runs on exactly these Debian releases"
+    )
+
+
+def releases_for(item: pytest.Item) -> list[str]:
+    """The Debian releases an e2e test boots, from its markers and LUKSVM_E2E_RELEASES."""
+    named = [name for mark in item.iter_markers("release") for name in mark.args]
+    if named:
+        unknown = sorted(set(named) - set(RELEASES))
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown release {unknown}; known {RELEASES}")
+        wanted = named
+    elif item.get_closest_marker("stack") is not None:
+        wanted = list(RELEASES)
+    else:
+        wanted = [settings.FULL_RELEASE]
+    enabled = settings.releases()
+    return [name for name in wanted if name in enabled]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "release" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "release", releases_for(metafunc.definition), indirect=True, scope="session"
+        )
+
+
+@pytest.fixture(scope="session")
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release of this test's VM (a parameter: see the module docstring)."""
+    return str(request.param)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,17 +99,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def e2e_image() -> Image:
+def e2e_image(release: str) -> Image:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tier needs {', '.join(missing)}: run tools/install-deps (as root)")
     started = time.monotonic()
-    image, built = ensure_image(settings.cache_dir())
-    _TIMINGS["image"] = (
+    image, built = ensure_image(settings.cache_dir(), release=release)
+    _TIMINGS[f"image {release}"] = (
         f"built in {time.monotonic() - started:.0f} s" if built else "cached"
     ) + f" ({image.dir})"
     versions = image.package_versions()
-    _TIMINGS["image packages"] = (
+    _TIMINGS[f"image {release} packages"] = (
         ", ".join(f"{name} {versions[name]}" for name in KEY_PACKAGES if name in versions)
         + f" (all in {image.packages})"
     )
@@ -81,7 +126,7 @@ def seed_host(
     e2e_image: Image, luksvm_wheel: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SeedHost]:
     seed = SeedHost.build(e2e_image, luksvm_wheel, tmp_path_factory.mktemp("seed") / "seed")
-    _TIMINGS["seed"] = f"{seed.seconds:.0f} s"
+    _TIMINGS[f"seed {e2e_image.release}"] = f"{seed.seconds:.0f} s"
     yield seed
     seed.machine.discard()
 

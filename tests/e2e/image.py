@@ -1,8 +1,9 @@
-"""The e2e VM image: a Debian 12 root filesystem built with mmdebstrap, cached by content.
+"""The e2e VM image: a Debian root filesystem built with mmdebstrap, cached by content.
 
-The cache key is a hash of everything that shapes the image (suite, package list, image size, this
-file, and every file under tests/e2e/rootfs/); a change to any of them builds a new image next to
-the old one. An image directory holds:
+One image per Debian release (RELEASES: bookworm = Debian 12, trixie = Debian 13). The cache key
+is a hash of everything that shapes the image (release, package list, image size, this file, and
+every file under tests/e2e/rootfs/); a change to any of them builds a new image next to the old
+one. An image directory holds:
 
     root.img       ext4 root filesystem (raw, sparse); VMs boot from qcow2 overlays over it
     vmlinuz        kernel and initramfs, taken out of the root filesystem's /boot
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from . import settings
 
-SUITE = "bookworm"
+RELEASES = ("bookworm", "trixie")  # Debian 12, Debian 13
+DEFAULT_RELEASE = "bookworm"
 IMAGE_SIZE = "4G"
 PRUNE_AFTER_DAYS = 14
 HERE = Path(__file__).resolve().parent
@@ -70,7 +72,33 @@ PACKAGES = (
     "python3-pexpect",
     "python3-keyring",
     "python3-pip",
+    # many hosts: the Ansible collection runs here (connection local; python3-apt for its
+    # package module), node_exporter serves luksvm's metrics over loopback
+    "ansible-core",
+    "python3-apt",
+    "prometheus-node-exporter",
 )
+
+# What one release needs beyond PACKAGES. Debian 13 (systemd 257) ships systemd-cryptsetup, the
+# binary luksvm's units run, in a package of its own.
+RELEASE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "bookworm": (),
+    "trixie": ("systemd-cryptsetup",),
+}
+
+
+def packages(release: str) -> tuple[str, ...]:
+    """Every package that goes into the image of `release`."""
+    return PACKAGES + RELEASE_PACKAGES[_known(release)]
+
+
+def _known(release: str) -> str:
+    if release not in RELEASES:
+        raise ImageBuildError(
+            f"unknown Debian release {release!r} for the e2e image; known: {', '.join(RELEASES)}"
+        )
+    return release
+
 
 # Units that make boots slow or noisy, or fight a test runner for the serial console.
 MASKED_UNITS = (
@@ -102,6 +130,7 @@ class ImageBuildError(RuntimeError):
 class Image:
     dir: Path
     key: str
+    release: str = DEFAULT_RELEASE
 
     @property
     def root(self) -> Path:
@@ -127,11 +156,11 @@ class Image:
         return versions
 
 
-def image_key() -> str:
-    """Hash of everything that shapes the image; its first 16 hex digits name the image."""
+def image_key(release: str = DEFAULT_RELEASE) -> str:
+    """Hash of everything that shapes the image of `release`; its first 16 hex digits name it."""
     digest = hashlib.sha256()
-    digest.update(f"suite={SUITE}\nsize={IMAGE_SIZE}\n".encode())
-    digest.update(("packages=" + " ".join(PACKAGES) + "\n").encode())
+    digest.update(f"suite={_known(release)}\nsize={IMAGE_SIZE}\n".encode())
+    digest.update(("packages=" + " ".join(packages(release)) + "\n").encode())
     digest.update(Path(__file__).read_bytes())
     for path in sorted(ROOTFS_OVERLAY.rglob("*")):
         if path.is_file():
@@ -142,16 +171,19 @@ def image_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_image(cache: Path | None = None, *, log: Path | None = None) -> tuple[Image, bool]:
-    """The image for the current key, built first if the cache lacks it. Returns (image, built).
+def ensure_image(
+    cache: Path | None = None, *, release: str = DEFAULT_RELEASE, log: Path | None = None
+) -> tuple[Image, bool]:
+    """The image of `release` for the current key, built first if the cache lacks it. Returns
+    (image, built).
 
     Several test sessions on one machine may ask at once: one builds under a lock, the others wait.
     """
     cache = cache or settings.cache_dir()
     images = cache / "images"
     images.mkdir(parents=True, exist_ok=True)
-    key = image_key()
-    image = Image(images / key, key)
+    key = image_key(release)
+    image = Image(images / key, key, release)
     built = False
     if not (image.dir / "complete").exists():
         with _locked(images / f"{key}.lock"):
@@ -198,16 +230,16 @@ def _build(image: Image, *, log: Path | None) -> None:
     work.mkdir()
     rootfs = work / "rootfs"
     build_log = work / "build.log"
-    sources = apt_sources(SUITE)
+    sources = apt_sources(image.release)
     argv = [
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
-        "--include=" + ",".join(PACKAGES),
+        "--include=" + ",".join(packages(image.release)),
         *[f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES],
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--setup-hook=" + _early_files_hook(),
-        SUITE,
+        image.release,
         str(rootfs),
         *sources,
     ]
@@ -231,7 +263,7 @@ def _build(image: Image, *, log: Path | None) -> None:
     shutil.rmtree(rootfs)
     manifest = {
         "key": image.key,
-        "suite": SUITE,
+        "suite": image.release,
         "apt_sources": sources,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 1),
@@ -331,7 +363,8 @@ def apt_sources(suite: str) -> list[str]:
     """One-line apt sources for SUITE, SUITE-updates, SUITE-security from this machine's apt config.
 
     The mirror is never written into the project: it is whatever this machine uses (or
-    LUKSVM_E2E_MIRROR).
+    LUKSVM_E2E_MIRROR). A release this machine does not list itself (a Debian 12 machine building
+    the Debian 13 image) comes from the same mirrors: the suite names of its entries are swapped.
     """
     override = settings.mirror_override()
     if override:
@@ -344,10 +377,13 @@ def apt_sources(suite: str) -> list[str]:
             entries += _parse_one_line(path.read_text())
     for path in sorted((etc / "sources.list.d").glob("*.sources")):
         entries += _parse_deb822(path.read_text())
+    entries = [e for e in entries if "main" in e[3].split()]
+    if not any(entry_suite == suite for _, _, entry_suite, _ in entries):
+        entries = [(o, uri, _swap_release(s, suite), c) for o, uri, s, c in entries]
     wanted = {suite, f"{suite}-updates", f"{suite}-security"}
     lines = []
-    for options, uri, entry_suite, components in entries:
-        if entry_suite in wanted and "main" in components.split():
+    for options, uri, entry_suite, _ in entries:
+        if entry_suite in wanted:
             prefix = f"deb [{options}] " if options else "deb "
             line = f"{prefix}{uri} {entry_suite} main"
             if line not in lines:
@@ -358,6 +394,14 @@ def apt_sources(suite: str) -> list[str]:
             "set LUKSVM_E2E_MIRROR to a Debian mirror URI"
         )
     return lines
+
+
+def _swap_release(entry_suite: str, release: str) -> str:
+    """bookworm-security → trixie-security for release trixie; other suites stay as they are."""
+    base, dash, pocket = entry_suite.partition("-")
+    if base in RELEASES and pocket in ("", "updates", "security"):
+        return release + dash + pocket
+    return entry_suite
 
 
 def _parse_one_line(text: str) -> list[tuple[str, str, str, str]]:

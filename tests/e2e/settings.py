@@ -42,3 +42,26 @@ def keep_disks() -> bool:
 def mirror_override() -> str | None:
     """LUKSVM_E2E_MIRROR: a Debian mirror URI to use instead of this machine's apt sources."""
     return os.environ.get("LUKSVM_E2E_MIRROR") or None
+
+
+# The release that runs the whole e2e tier; every other release runs the scenarios marked
+# `stack` (behaviour that depends on systemd, libvirt, LVM, cryptsetup) and those marked for it.
+FULL_RELEASE = "bookworm"
+
+
+def releases() -> tuple[str, ...]:
+    """LUKSVM_E2E_RELEASES (comma-separated, e.g. "trixie"): the Debian releases to boot; default
+    all of them (image.RELEASES)."""
+    from .image import RELEASES  # image imports settings
+
+    raw = os.environ.get("LUKSVM_E2E_RELEASES", "").strip()
+    if not raw:
+        return RELEASES
+    chosen = tuple(name.strip() for name in raw.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in RELEASES]
+    if unknown:
+        raise ValueError(
+            f"LUKSVM_E2E_RELEASES={raw!r}: unknown {', '.join(unknown)}; known: "
+            + ", ".join(RELEASES)
+        )
+    return chosen

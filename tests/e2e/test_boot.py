@@ -22,7 +22,7 @@ import pytest
 from .journal import Entry, Journal, assert_order
 from .vm import BootResult, Machine, note, scenario
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 HERE = scenario("boot-setup.sh").parents[1]
 STOP_TIMEOUT = 10.0  # [guests] stop_timeout in boot-setup.sh

@@ -9,7 +9,7 @@ import pytest
 
 vm = pytest.importorskip("tests.e2e.vm", reason="the e2e harness (branch e2e-harness) is not here")
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 
 def test_doctor_names_the_leak_and_its_fix_stops_it(host: vm.Machine) -> None:

@@ -13,7 +13,7 @@ import pytest
 from .journal import assert_order
 from .vm import Machine, scenario
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 CRYPTTAB = """\
 cr_imap_encr /dev/volgrp4/lvimap_hd0 /etc/luksvm/keys/imap.key luks

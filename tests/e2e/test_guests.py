@@ -9,7 +9,7 @@ import pytest
 
 from .vm import Machine, scenario
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 
 def test_gating_parallel_stop_and_policies(host: Machine) -> None:

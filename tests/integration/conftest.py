@@ -93,3 +93,35 @@ def lvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
 def unique(prefix: str) -> str:
     """A VG/LV name no other test or process on this machine uses."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+TOOLS_CACHE = Path(os.environ.get("LUKSVM_TOOLS_CACHE", "/var/cache/luksvm-tools"))
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """promtool from Debian's prometheus package, unpacked by tools/install-deps (installing the
+    package would start a Prometheus server)."""
+    path = TOOLS_CACHE / "prometheus/usr/bin/promtool"
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} missing: run tools/install-deps (make deps)")
+    return str(path)
+
+
+def write_journal(directory: Path, entries: list[dict[str, str]]) -> Path:
+    """A real journal file made by systemd-journal-remote from entries in journal export format
+    (each needs __REALTIME_TIMESTAMP, __MONOTONIC_TIMESTAMP and _BOOT_ID)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    blocks = []
+    for number, entry in enumerate(entries, 1):
+        fields = {"__CURSOR": f"s=0;i={number}", "_TRANSPORT": "journal", **entry}
+        blocks.append("".join(f"{k}={v}\n" for k, v in fields.items()))
+    target = directory / "remote.journal"
+    sh(
+        "/lib/systemd/systemd-journal-remote",
+        f"--output={target}",
+        "--split-mode=none",
+        "-",
+        stdin=("\n".join(blocks) + "\n").encode(),
+    )
+    return target

@@ -3,6 +3,7 @@ device (activation off), systemctl --root for unit-file states."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -188,15 +189,11 @@ def test_cli_over_a_root_with_images_exits_with_the_worst_status(
     root = write_config(
         tmp_path / "root", {"10.conf": f"cr_a {image} - luks\ncr_b {tmp_path}/none - luks\n"}
     )
-    prom = tmp_path / "doctor.prom"
-    code = main(["--root", str(root), "doctor", "--prometheus", str(prom), "luks", "recovery-key"])
+    code = main(["--root", str(root), "doctor", "luks", "recovery-key"])
     out = capsys.readouterr().out
     assert code == 2
     assert out.splitlines()[0].startswith("FAIL  luks")
     assert f"FAIL cr_b: source {tmp_path}/none does not exist" in out
-    text = prom.read_text()
-    assert 'luksvm_doctor_status{check="luks",subject="cr_b"} 2' in text
-    assert 'luksvm_doctor_status{check="recovery-key",subject="cr_a"} 1' in text
 
 
 def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> None:
@@ -377,3 +374,182 @@ def test_every_check_together_reads_each_header_with_one_cryptsetup_process(
     assert sorted(ran) == [
         ("cryptsetup", "luksDump", "--dump-json-metadata", str(image)) for image in images
     ]
+
+
+# --- libvirt-shutdown: the qemu.conf files Debian ships (libvirt 11.3 and 9.0), as admins edit them
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QEMU_CONF_11 = (FIXTURES / "qemu.conf-debian13-libvirt-11.3").read_text()
+QEMU_CONF_9 = (FIXTURES / "qemu.conf-debian12-libvirt-9.0").read_text()
+LIBVIRT_GUESTS_UNIT = "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+
+
+def qemu_conf_root(tmp_path: Path, text: str, *, libvirt_guests: bool = False) -> Path:
+    root = write_config(tmp_path / "root", {"10.conf": "cr_a /dev/x - luks,x-luksvm.guest=mail\n"})
+    (root / "etc/libvirt").mkdir(parents=True)
+    (root / "etc/libvirt/qemu.conf").write_text(text)
+    if libvirt_guests:
+        units = root / "usr/lib/systemd/system"
+        units.mkdir(parents=True)
+        (units / "libvirt-guests.service").write_text(LIBVIRT_GUESTS_UNIT)
+        sh("systemctl", f"--root={root}", "enable", "libvirt-guests.service")
+    return root
+
+
+def uncomment(text: str, setting: str, value: str) -> str:
+    """The admin's edit: the commented default line of `setting` made active with `value`."""
+    lines = text.splitlines(keepends=True)
+    (index,) = [i for i, line in enumerate(lines) if line.startswith(f"#{setting} = ")]
+    lines[index] = f"{setting} = {value}\n"
+    return "".join(lines)
+
+
+def line_of(text: str, setting: str) -> int:
+    (number,) = [n for n, line in enumerate(text.splitlines(), 1) if line.startswith(setting)]
+    return number
+
+
+def shutdown_findings(root: Path, *, live: bool | None = None) -> list[Finding]:
+    return doctor.run_checks(Host(str(root), live=live), doctor.select(["libvirt-shutdown"]))
+
+
+def test_debian_13_qemu_conf_as_shipped_leaves_guests_to_luksvm(tmp_path: Path) -> None:
+    (finding,) = shutdown_findings(qemu_conf_root(tmp_path, QEMU_CONF_11))
+    assert finding == Finding(
+        OK,
+        "host",
+        "libvirt leaves luksvm's guests to luksvm at host shutdown "
+        "(try_save=none, try_shutdown=none, poweroff=none)",
+        check="libvirt-shutdown",
+    )
+
+
+def test_poweroff_all_fails_with_the_line_and_restore_too(tmp_path: Path) -> None:
+    text = uncomment(QEMU_CONF_11, "auto_shutdown_poweroff", '"all"')
+    line = line_of(text, "auto_shutdown_poweroff = ")
+    findings = shutdown_findings(qemu_conf_root(tmp_path, text, libvirt_guests=True))
+    assert [(f.subject, f.status) for f in findings] == [
+        ("auto_shutdown_poweroff", FAIL),
+        ("auto_shutdown_restore", FAIL),
+    ]
+    poweroff, restore = findings
+    assert poweroff.message.startswith(
+        f'/etc/libvirt/qemu.conf:{line}: auto_shutdown_poweroff = "all": libvirt powers them off '
+        "for every guest, luksvm's included, as soon as logind announces the shutdown, before "
+        "systemd stops any unit"
+    )
+    assert "libvirt-guests.service is enabled too (libvirt warns of dueling actions)" in (
+        poweroff.message
+    )
+    assert poweroff.fix == (
+        'set auto_shutdown_poweroff = "none" (or "transient": luksvm\'s guests are persistent) '
+        "in /etc/libvirt/qemu.conf, then restart the daemon (systemctl restart libvirtd, or "
+        "virtqemud: guests keep running)"
+    )
+    # the commented default line "#auto_shutdown_restore = 1" is not a setting: the default 1 is
+    assert restore.message.startswith(
+        "/etc/libvirt/qemu.conf (default 1): auto_shutdown_restore = 1: at the next start libvirt "
+        "restores the guests it stopped"
+    )
+    assert restore.fix.startswith("set auto_shutdown_restore = 0 in /etc/libvirt/qemu.conf, ")
+
+    # restore off: only the action is wrong
+    text = uncomment(text, "auto_shutdown_restore", "0")
+    (only,) = shutdown_findings(qemu_conf_root(tmp_path / "b", text))
+    assert (only.subject, only.status) == ("auto_shutdown_poweroff", FAIL)
+    assert "dueling" not in only.message  # no libvirt-guests in this root
+
+
+def test_transient_is_acceptable_except_for_managed_save(tmp_path: Path) -> None:
+    text = uncomment(QEMU_CONF_11, "auto_shutdown_poweroff", '"transient"')
+    text = uncomment(text, "auto_shutdown_try_shutdown", "'transient'")
+    (finding,) = shutdown_findings(qemu_conf_root(tmp_path, text))
+    assert finding.status == OK
+    assert "(try_save=none, try_shutdown=transient, poweroff=transient)" in finding.message
+
+    text = uncomment(QEMU_CONF_11, "auto_shutdown_try_save", '"persistent"  # for the laptop')
+    findings = shutdown_findings(qemu_conf_root(tmp_path / "b", text))
+    save = by(findings, "auto_shutdown_try_save")
+    assert save.status == FAIL
+    assert f"qemu.conf:{line_of(text, 'auto_shutdown_try_save')}: " in save.message
+    assert "saves their memory (managed save) for every persistent guest" in save.message
+    # tmp_path is no dm-crypt device: the saved RAM would land on a plain disk
+    assert "lands in /var/lib/libvirt/qemu/save, which is not encrypted" in save.message
+    assert save.fix.startswith('set auto_shutdown_try_save = "none" in /etc/libvirt/qemu.conf')
+    assert by(findings, "auto_shutdown_restore").status == FAIL
+
+
+def test_libvirt_before_11_2_has_no_auto_shutdown(tmp_path: Path) -> None:
+    # Debian 12's file has none of the settings; offline, the file is judged
+    root = qemu_conf_root(tmp_path, QEMU_CONF_9)
+    (finding,) = shutdown_findings(root)
+    assert finding.status == OK and "(try_save=none, try_shutdown=none, poweroff=none)" in (
+        finding.message
+    )
+    # on the running system the library's version decides: this machine's libvirt is 9.0, which
+    # ignores even an admin's auto_shutdown_poweroff line
+    from luksvm import virt
+
+    version = ".".join(map(str, virt.library_version()))
+    assert virt.library_version() < (11, 2, 0), "this test expects Debian 12's libvirt here"
+    root = qemu_conf_root(tmp_path / "b", QEMU_CONF_9 + 'auto_shutdown_poweroff = "all"\n')
+    (finding,) = shutdown_findings(root, live=True)
+    assert finding == Finding(
+        OK,
+        "host",
+        f"libvirt {version} does not stop guests itself at host shutdown (11.2 does)",
+        check="libvirt-shutdown",
+    )
+
+
+def test_cli_exits_2_and_prints_the_qemu_conf_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from luksvm.cli import main
+
+    text = uncomment(QEMU_CONF_11, "auto_shutdown_try_shutdown", '"all"')
+    root = qemu_conf_root(tmp_path, text)
+    assert main(["--root", str(root), "doctor", "libvirt-shutdown"]) == 2
+    out = capsys.readouterr().out
+    assert 'set auto_shutdown_try_shutdown = "none"' in out
+    assert main(["--root", str(root), "doctor", "--json", "libvirt-shutdown"]) == 2
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["subject"], r["status"]) for r in rows} == {
+        ("auto_shutdown_try_shutdown", "FAIL"),
+        ("auto_shutdown_restore", "FAIL"),
+    }
+
+
+def test_no_guests_no_judgement(tmp_path: Path) -> None:
+    root = write_config(tmp_path / "root", {"10.conf": "cr_a /dev/x - luks\n"})
+    (finding,) = shutdown_findings(root)
+    assert finding.status == "SKIP"
+
+
+def test_libvirt_guests_starting_guests_at_boot_is_a_warning(tmp_path: Path) -> None:
+    from tests.integration.test_guests import domain_xml
+
+    root = qemu_conf_root(tmp_path, QEMU_CONF_11, libvirt_guests=True)
+    node = root / "node.xml"
+    node.write_text("<node>" + domain_xml("mail", ["/dev/mapper/cr_a"]) + "</node>")
+    write_config(
+        root,
+        {"10.conf": "cr_a /dev/x - luks,x-luksvm.guest=mail\n"},
+        f"[libvirt]\nuri = test://{node}\n",
+    )
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/libvirt-guests").write_text("ON_BOOT=start\nON_SHUTDOWN=shutdown\n")
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["guests"]))
+    assert by(findings, "mail").status == OK
+    on_boot = by(findings, "libvirt-guests ON_BOOT")
+    assert on_boot.status == WARN
+    assert "(ON_BOOT=start): a luksvm guest still running then (on_timeout=fail)" in (
+        on_boot.message
+    )
+    assert on_boot.fix == (
+        "set ON_BOOT=ignore in /etc/default/libvirt-guests (luksvm starts its guests after their "
+        "volumes)"
+    )
+    (root / "etc/default/libvirt-guests").write_text("ON_BOOT=ignore\nON_SHUTDOWN=shutdown\n")
+    findings = doctor.run_checks(Host(str(root)), doctor.select(["guests"]))
+    assert not [f for f in findings if f.subject == "libvirt-guests ON_BOOT"]

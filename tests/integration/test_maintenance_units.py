@@ -13,6 +13,8 @@ UNITS = Path(__file__).resolve().parents[2] / "units"
 OURS = [
     "luksvm-header-backup.service",
     "luksvm-header-backup.timer",
+    "luksvm-metrics.service",
+    "luksvm-metrics.timer",
     "luksvm-trim.service",
     "luksvm-trim.timer",
 ]
@@ -73,3 +75,18 @@ def test_timers_are_weekly_persistent_and_enable_into_timers_target(root: Path) 
         assert link.is_symlink()
     for service in ("luksvm-header-backup.service", "luksvm-trim.service"):
         assert "Type=oneshot" in (UNITS / service).read_text()
+
+
+def test_metrics_timer_enables_and_its_service_writes_the_textfile_collector_file(
+    root: Path,
+) -> None:
+    for unit in OURS:
+        install(root, unit)
+    subprocess.run(["systemctl", f"--root={root}", "enable", "luksvm-metrics.timer"], check=True)
+    assert (root / "etc/systemd/system/timers.target.wants/luksvm-metrics.timer").is_symlink()
+    service = (UNITS / "luksvm-metrics.service").read_text()
+    assert (
+        "ExecStart=/usr/bin/luksvm metrics --textfile "
+        "/var/lib/prometheus/node-exporter/luksvm.prom\n" in service
+    )
+    assert "ConditionPathIsDirectory=/var/lib/prometheus/node-exporter\n" in service

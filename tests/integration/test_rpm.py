@@ -56,6 +56,7 @@ def expected_files() -> dict[str, int]:
     """Path → mode of everything the package must hold, derived from the source tree."""
     dirs = ["/etc/luksvm", "/etc/luksvm/crypttab.d", "/usr/lib/luksvm", "/usr/lib/luksvm/luksvm"]
     dirs += ["/usr/share/doc/luksvm", "/usr/share/licenses/luksvm", "/var/lib/luksvm"]
+    dirs += ["/usr/share/luksvm", "/usr/share/luksvm/prometheus"]
     files = [
         "/etc/luksvm/luksvm.conf",
         "/usr/lib/systemd/system-preset/50-luksvm.preset",
@@ -65,6 +66,7 @@ def expected_files() -> dict[str, int]:
         "/usr/share/man/man5/luksvm-crypttab.5.gz",
         "/usr/share/man/man5/luksvm.conf.5.gz",
         "/usr/share/man/man8/luksvm.8.gz",
+        "/usr/share/luksvm/prometheus/luksvm.rules.yml",
     ]
     files += [f"/etc/luksvm/crypttab.d/{p.name}" for p in (REPO / "crypttab.d").glob("*.example")]
     files += [f"/usr/lib/luksvm/luksvm/{p.name}" for p in (REPO / "luksvm").glob("*.py")]
@@ -163,7 +165,7 @@ def test_scriptlets_preset_timers_and_target_and_never_stop_the_target(
     built: Built, tmp_path: Path
 ) -> None:
     script = scriptlets(built)
-    timers = ["luksvm-header-backup.timer", "luksvm-trim.timer", "luksvm-doctor.timer"]
+    timers = ["luksvm-header-backup.timer", "luksvm-trim.timer", "luksvm-metrics.timer"]
     # install ($1=1 in %post), upgrade (2 / 1 in %preun, %postun), removal (0).
     assert run_scriptlet(script["post"], 1, tmp_path) == [
         ["--no-reload", "preset", "luksvm.target", *timers]

@@ -132,29 +132,6 @@ def test_report_has_one_line_per_healthy_check_and_prints_a_shared_fix_once() ->
     assert lines[-1] == "2 failed, 0 warnings, 2 ok, 0 skipped"
 
 
-def test_prometheus_text_has_one_sample_per_check_and_subject_with_the_worst_status() -> None:
-    findings = [
-        Finding(OK, "cr_a", "x", check="keys"),
-        Finding(WARN, "cr_a", "y", check="keys"),
-        Finding(SKIP, 'we"ird\\', "z", check="keys"),
-    ]
-    text = doctor.prometheus_text(findings, duration=0.5, now=1700000000.0)
-    assert 'luksvm_doctor_status{check="keys",subject="cr_a"} 1\n' in text
-    assert 'luksvm_doctor_status{check="keys",subject="we\\"ird\\\\"} -1\n' in text
-    assert text.count("luksvm_doctor_status{") == 2
-    assert "# TYPE luksvm_doctor_status gauge" in text
-    assert "luksvm_doctor_last_run_timestamp_seconds 1700000000.000" in text
-
-
-def test_prometheus_file_is_replaced_atomically(tmp_path: Path) -> None:
-    target = tmp_path / "luksvm.prom"
-    target.write_text("old\n")
-    doctor.write_textfile(str(target), "new\n")
-    assert target.read_text() == "new\n"
-    assert oct(target.stat().st_mode & 0o777) == "0o644"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["luksvm.prom"]
-
-
 def test_cli_json_lists_findings_and_exit_code_follows_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,11 +150,14 @@ def test_cli_unknown_check_exits_64(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "known checks: config" in capsys.readouterr().err
 
 
-def test_cli_writes_the_prometheus_file(tmp_path: Path) -> None:
+def test_doctor_prometheus_says_metrics_writes_the_textfile_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = seed(tmp_path, "cr_a /dev/x - luks\n")
     prom = tmp_path / "doctor.prom"
-    assert main(["--root", str(root), "doctor", "--prometheus", str(prom), "config"]) == 0
-    assert 'luksvm_doctor_status{check="config",subject="host"} 0' in prom.read_text()
+    assert main(["--root", str(root), "doctor", "--prometheus", str(prom), "config"]) == 64
+    assert f"luksvm metrics --textfile {prom}" in capsys.readouterr().err
+    assert not prom.exists()
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
@@ -363,11 +364,35 @@ def cmd_header_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def check_new_size(option: str, text: str) -> None:
+    """Refuse a negative size with a message of its own (sizes count up from zero)."""
+    if text.strip().startswith("-"):
+        raise UsageError(
+            f"{option} {text}: a size cannot be negative",
+            fix=f"give the new size itself with its unit, e.g. {option} 60GiB",
+        )
+
+
+def percent(text: str) -> int:
+    """argparse type: a whole number 0 or more (--margin)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a margin cannot be negative; 0 keeps none")
+    return value
+
+
 def cmd_shrink_plan(args: argparse.Namespace) -> int:
     from luksvm import shrink
 
+    check_new_size("--to", args.to)
     shrink.check_size_syntax(args.to)
-    with shrink.session(args.lv, args.device, root=args.root) as (where, _key):
+    with shrink.session(args.lv, args.device, root=args.root, key_file=args.key_file) as (
+        where,
+        _key,
+    ):
         _layout, plan = shrink.plan_for(
             where,
             args.to,
@@ -383,17 +408,17 @@ def cmd_shrink_plan(args: argparse.Namespace) -> int:
 
 def cmd_shrink_run(args: argparse.Namespace) -> int:
     from luksvm import shrink
-    from luksvm.errors import UsageError
 
+    check_new_size("--to", args.to)
     shrink.check_size_syntax(args.to)
     if not args.dry_run and not args.yes_i_have_a_backup:
         raise UsageError(
             "shrink run changes every layer of the disk: back the data up, then pass "
             "--yes-i-have-a-backup (or look first with --dry-run)"
         )
-    with shrink.session(args.lv, args.device, root=args.root, need_key=not args.dry_run) as (
+    with shrink.session(args.lv, args.device, root=args.root, key_file=args.key_file) as (
         where,
-        key,
+        opened_with,
     ):
         backup_dir = args.backup_dir or shrink.default_backup_dir(where.vg, where.lv)
         _layout, plan = shrink.plan_for(
@@ -403,6 +428,10 @@ def cmd_shrink_run(args: argparse.Namespace) -> int:
             for step in plan.steps:
                 print(shrink.command_line(step))
             return EXIT_OK
+        # Before the first change: without a key, refuse here, naming the step that needs it.
+        key = shrink.key_for_plan(
+            plan, where, root=args.root, key_file=args.key_file, key=opened_with
+        )
         print(shrink.format_plan(plan), flush=True)
         if plan.nothing_to_do:
             return EXIT_OK
@@ -468,29 +497,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from luksvm import config, migrate
-    from luksvm.errors import UsageError
+    from luksvm import config, migrate, virt
 
     cfg = config.load(args.root)
+    request = None
+    # Every argument is checked before libvirt is asked anything: a bad name is a usage error,
+    # not "cannot connect to libvirt".
     if args.rollback:
         extra = [o for o, v in (("--to", args.to), ("--name", args.name)) if v]
         if extra:
             raise UsageError(f"--rollback takes GUEST and --disk only, not {', '.join(extra)}")
     elif not (args.disk and args.to and args.name):
         raise UsageError("migrate needs --disk TARGET, --to VG/LV and --name MAPPING")
-    domains = migrate.LibvirtDomains(cfg.settings.uri)
-    try:
-        ctx = migrate.Context(
-            root=args.root,
-            config=cfg,
-            domains=domains,
-            services=migrate.default_services(),
-            out=lambda line: print(line, flush=True),
-            tty=sys.stderr.isatty(),
-        )
-        if args.rollback:
-            migrate.rollback(args.guest, args.disk, ctx, dry_run=args.dry_run)
-            return EXIT_OK
+    else:
         vg, lv = migrate.split_vg_lv(args.to)
         request = migrate.Request(
             guest=args.guest,
@@ -508,9 +527,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             verify=args.verify,
             key=args.key,
         )
-        migrate.migrate(request, ctx, shutdown=args.shutdown, dry_run=args.dry_run)
-    finally:
-        domains.close()
+        migrate.fragment_volume(request)  # --key and the names as luksvm will read them
+    with virt.connect(cfg.settings.uri) as domains:
+        ctx = migrate.Context(
+            root=args.root,
+            config=cfg,
+            domains=domains,
+            services=migrate.default_services(),
+            out=lambda line: print(line, flush=True),
+            tty=sys.stderr.isatty(),
+        )
+        if request is None:
+            migrate.rollback(args.guest, args.disk, ctx, dry_run=args.dry_run)
+        else:
+            migrate.migrate(request, ctx, shutdown=args.shutdown, dry_run=args.dry_run)
     return EXIT_OK
 
 
@@ -707,8 +737,15 @@ def build_parser() -> Parser:
             "default: found from the VG's PV",
         )
         sub.add_argument(
+            "--key-file",
+            metavar="FILE",
+            help="the LUKS key when no token or configured key gives it and no terminal can "
+            "ask: a file, or - for standard input (read as cryptsetup reads a keyfile: every "
+            "byte, a trailing newline included)",
+        )
+        sub.add_argument(
             "--margin",
-            type=int,
+            type=percent,
             default=25,
             metavar="PERCENT",
             help="free space kept above resize2fs's minimum, as a share of the used space "
@@ -830,9 +867,30 @@ def build_parser() -> Parser:
     return parser
 
 
+# Options whose value may start with "-" and a digit (a negative number with a unit, such as
+# `--to -5GiB`): argparse would take the value for an option and say "expected one argument", so
+# the value is attached (`--to=-5GiB`) and the command refuses it with its own message.
+SIGNED_VALUE_OPTIONS = frozenset({"--to", "--by", "--margin"})
+
+
+def attach_signed_values(argv: Sequence[str]) -> list[str]:
+    """`--to -5GiB` → `--to=-5GiB` for the options in SIGNED_VALUE_OPTIONS (not after `--`)."""
+    out: list[str] = []
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            out += [arg, *rest]
+            break
+        if arg in SIGNED_VALUE_OPTIONS and rest and re.match(r"-[0-9.]", rest[0]):
+            arg = f"{arg}={rest.pop(0)}"
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_signed_values(sys.argv[1:] if argv is None else argv))
     journal.setup(verbose=args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

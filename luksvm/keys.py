@@ -17,7 +17,7 @@ import getpass
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from luksvm import cryptsetup
@@ -151,6 +151,10 @@ class Key:
         with `stdin` on the command's standard input."""
         return ("--token-only",) if self.token_only else ("--key-file=-",)
 
+    def command(self, argv: Sequence[str]) -> tuple[str, ...]:
+        """`argv` written for a key on stdin (`--key-file=-`), with this key's options instead."""
+        return tuple(x for a in argv for x in (self.options() if a == "--key-file=-" else (a,)))
+
     @property
     def stdin(self) -> bytes | None:
         """What goes to the command's stdin (None for a token key)."""
@@ -204,6 +208,13 @@ def obtain_key(
             f"{device}",
             fix="give a key that does with --key-file FILE (or --key-file - on standard input), "
             "or run luksvm in a terminal to be asked",
+        )
+    if new:  # a new container: its key is the configured one (migrate's --key) or a passphrase
+        raise LuksvmError(
+            f"{step} needs the key of {name}: it is to be asked as a passphrase, and there is no "
+            "terminal to ask on; nothing was changed",
+            fix="give a keyfile or keyring: key instead (--key), or run luksvm in a terminal "
+            "(ssh -t HOST …)",
         )
     raise LuksvmError(
         f"{step} needs the key of {name}: no LUKS2 token opens it, no key is configured for it, "

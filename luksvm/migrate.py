@@ -15,11 +15,9 @@ called through `Services`, never done again here.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
-import getpass
 import json
 import logging
 import os
@@ -31,9 +29,9 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
-from luksvm import config, cryptsetup, files, lvm, qemuimg, virt
+from luksvm import config, cryptsetup, files, keys, lvm, qemuimg, units, virt
 from luksvm.config import Config, Volume
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import CommandError, run, stream
@@ -237,6 +235,13 @@ class Request:
                     f"--to {self.vg}/{self.lv}: {what} name {name!r} is not a valid LVM name "
                     "(letters, digits, + _ . -, not starting with -)"
                 )
+        for option, number in (
+            ("--key-size", self.key_size),
+            ("--pbkdf-force-iterations", self.pbkdf_iterations),
+            ("--pbkdf-memory", self.pbkdf_memory),
+        ):
+            if number < 0:
+                raise UsageError(f"{option} {number}: cannot be negative")
         if self.pbkdf and self.pbkdf not in ("pbkdf2", "argon2i", "argon2id"):
             raise UsageError(f"--pbkdf {self.pbkdf!r}: expected pbkdf2, argon2i or argon2id")
         if self.luks_type == "luks1" and self.pbkdf not in ("", "pbkdf2"):
@@ -570,7 +575,8 @@ def source_kind(path: str) -> str:
 
 
 class Domains(Protocol):
-    """The libvirt calls migrate makes (LibvirtDomains; a fake in tests)."""
+    """The libvirt calls migrate makes: virt.Connection (with its call deadlines); a fake in
+    tests."""
 
     def state(self, guest: str) -> str: ...
 
@@ -581,60 +587,6 @@ class Domains(Protocol):
     def define(self, xml: str) -> None: ...
 
 
-class LibvirtDomains:
-    """Domains over libvirt-python.
-
-    The XML is the persistent definition with secrets (VIR_DOMAIN_XML_INACTIVE|SECURE): without
-    SECURE a redefine would drop VNC/SPICE passwords. TODO(lead): once virt.py (branch guests) is
-    in main, move defined_xml/define into virt.Domain/Connection so they get its call deadlines."""
-
-    STATES: ClassVar[dict[int, str]] = {0: "nostate", 1: "running", 2: "blocked", 3: "paused",
-        4: "shutdown", 5: SHUT_OFF, 6: "crashed", 7: "pmsuspended"}  # fmt: skip
-
-    def __init__(self, uri: str) -> None:
-        import libvirt
-
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        self._libvirt = libvirt
-        try:
-            self._conn = libvirt.open(uri)
-        except libvirt.libvirtError as error:
-            raise LuksvmError(f"cannot connect to libvirt at {uri}: {error}") from None
-        self.uri = uri
-
-    def _domain(self, guest: str) -> Any:
-        try:
-            return self._conn.lookupByName(guest)
-        except self._libvirt.libvirtError:
-            raise LuksvmError(f"no libvirt domain {guest!r} at {self.uri}") from None
-
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except self._libvirt.libvirtError as error:
-            raise LuksvmError(f"{what}: {error.get_error_message() or error}") from None
-
-    def state(self, guest: str) -> str:
-        number, _reason = self._call(f"state of {guest}", self._domain(guest).state)
-        return self.STATES.get(number, "nostate")
-
-    def has_managed_save(self, guest: str) -> bool:
-        dom = self._domain(guest)
-        return bool(self._call(f"saved state of {guest}", dom.hasManagedSaveImage, 0))
-
-    def defined_xml(self, guest: str) -> str:
-        flags = self._libvirt.VIR_DOMAIN_XML_INACTIVE | self._libvirt.VIR_DOMAIN_XML_SECURE
-        text: str = self._call(f"XML of {guest}", self._domain(guest).XMLDesc, flags)
-        return text
-
-    def define(self, xml: str) -> None:
-        self._call("define the domain", self._conn.defineXML, xml)
-
-    def close(self) -> None:
-        with contextlib.suppress(self._libvirt.libvirtError):
-            self._conn.close()
-
-
 @dataclass(frozen=True)
 class Services:
     """What migrate asks of the rest of luksvm (wired in cli.py; fakes in tests)."""
@@ -643,12 +595,9 @@ class Services:
     lock_volume: Callable[[Config, str], None]  # lock = guest VGs off, close: unlock.py
     adopt: Callable[[Config, str], None]  # the unit takes over an open mapping
     backup_header: Callable[[Config, str], str]  # header backup; returns what was done
-    doctor: Callable[[str], str]  # the doctor's report for ROOT
+    doctor: Callable[[str, str, str], str]  # doctor's report for (ROOT, volume, guest)
     apply: Callable[[Config], list[str]]  # luksvm apply; returns its report lines
-    check_keyfile: Callable[[str, str], None]  # (volume, path): refuses unsafe keyfiles
-    keyring_secret: Callable[[Volume, Config], bytes]
-    ask: Callable[[str], str] = getpass.getpass  # a passphrase prompt on the terminal
-    can_ask: Callable[[], bool] = lambda: sys.stdin is not None and sys.stdin.isatty()
+    obtain_key: Callable[..., keys.Key] = keys.obtain_key  # the one way to a key
 
 
 # --- the state file --------------------------------------------------------------------------
@@ -985,12 +934,17 @@ def _check_resumable(state: State, ctx: Context, *, shutdown: bool) -> None:
 def _run(state: State, ctx: Context) -> None:
     request = state.request
     steps = {step.name: step for step in plan(request, state.source, state.extent_size)}
-    key: bytes | None = None
+    # The key, before the first change (and without one, a refusal naming the step): formatting
+    # takes the new volume's key; opening again after an interruption, the key it was given.
+    key: keys.Key | None = None
+    if "format" not in state.done:
+        key = _obtain_key(request, ctx, steps["format"], new=True)
+    elif "redefine" not in state.done and not _opened_on(request):
+        key = _obtain_key(request, ctx, steps["open"], new=False)
 
-    def need_key() -> bytes:
-        nonlocal key
+    def need_key() -> keys.Key:
         if key is None:
-            key = obtain_key(request, ctx, new="format" not in state.done)
+            raise LuksvmError(f"{request.mapping}: a step needs the key, and none was obtained")
         return key
 
     for name in STEP_NAMES:
@@ -1038,10 +992,14 @@ def _run(state: State, ctx: Context) -> None:
     _closing(state, ctx)
 
 
-def _execute(step: Step, key: bytes | None = None) -> None:
+def _execute(step: Step, key: keys.Key | None = None) -> None:
+    keyed = step.secret_stdin and key is not None
     for argv in step.commands:
-        run(argv, timeout=FORMAT_TIMEOUT, stdin=key if step.secret_stdin else None,
-            secret=step.secret_stdin)  # fmt: skip
+        if keyed and key is not None:
+            run(key.command(argv), timeout=FORMAT_TIMEOUT, stdin=key.stdin,
+                secret=key.stdin is not None)  # fmt: skip
+        else:
+            run(argv, timeout=FORMAT_TIMEOUT)
 
 
 def _stream(argv: Sequence[str], progress: Progress) -> None:
@@ -1162,12 +1120,13 @@ def _closing(state: State, ctx: Context) -> None:
         f"{request.guest}'s {request.disk} now runs from {request.mapping_path} "
         f"({request.luks_type} on {request.lv_path}, {human(state.size)})."
     )
-    ctx.out("doctor says:")
-    for line in ctx.services.doctor(ctx.root).rstrip("\n").splitlines():
+    ctx.out(f"doctor says about {request.mapping} and {request.guest}:")
+    report = ctx.services.doctor(ctx.root, request.mapping, request.guest)
+    for line in report.rstrip("\n").splitlines():
         ctx.out("  " + line)
     ctx.out(
-        f"Start the guest: systemctl start luksvm-guest@{request.guest}.service "
-        f"(or virsh start {request.guest})."
+        f"Start the guest: systemctl start {shlex.quote(units.guest_unit(request.guest))} "
+        f"(or virsh start {shlex.quote(request.guest)})."
     )
     ctx.out(
         f"Undo: luksvm migrate --rollback {request.guest} (previous XML: {state.previous_xml_path})"
@@ -1194,37 +1153,18 @@ def _lv_of(path: str) -> str:
 # --- the key ---------------------------------------------------------------------------------
 
 
-def obtain_key(request: Request, ctx: Context, *, new: bool) -> bytes:
-    """The key for format/open: the keyfile's bytes, the keyring secret, or a passphrase asked on
-    the terminal (twice for a new volume). Never on argv; handed to cryptsetup on stdin."""
-    volume = fragment_volume(request)
-    kind = volume.key.kind
-    if kind == "file":
-        ctx.services.check_keyfile(request.mapping, volume.key.path)
-        with open(os.path.join(ctx.root, volume.key.path.lstrip("/")), "rb") as f:
-            key = f.read()
-        if not key:
-            raise LuksvmError(f"keyfile {volume.key.path} is empty")
-    elif kind == "keyring":
-        key = ctx.services.keyring_secret(volume, ctx.config)
-    else:
-        if not ctx.services.can_ask():
-            raise LuksvmError(
-                f"{request.mapping} needs a passphrase and there is no terminal to ask on; run "
-                "luksvm in a terminal (ssh -t), or give a keyfile with --key"
-            )
-        first = ctx.services.ask(f"New passphrase for {request.mapping}: " if new else
-                                 f"Passphrase for {request.mapping}: ")  # fmt: skip
-        if not first:
-            raise UsageError("empty passphrase")
-        if new and ctx.services.ask(f"Repeat the passphrase for {request.mapping}: ") != first:
-            raise UsageError("the two passphrases differ; nothing was changed")
-        key = first.encode("utf-8")
-    if not new and not cryptsetup.test_passphrase(request.lv_path, key):
-        raise LuksvmError(
-            f"the key for {request.mapping} opens none of {request.lv_path}'s keyslots"
-        )
-    return key
+def _obtain_key(request: Request, ctx: Context, step: Step, *, new: bool) -> keys.Key:
+    """The key for format (the new volume's, from --key: its keyfile or keyring entry, or a
+    passphrase asked twice) or for opening again (tested against the keyslots first), through
+    keys.obtain_key. Never on argv; handed to cryptsetup on stdin."""
+    return ctx.services.obtain_key(
+        request.lv_path,
+        step=f"step {step.name} ({step.what})",
+        volume=fragment_volume(request),
+        settings=ctx.config.settings,
+        root=ctx.root,
+        new=new,
+    )
 
 
 # --- rollback --------------------------------------------------------------------------------
@@ -1348,10 +1288,24 @@ def adopt(cfg: Config, name: str) -> None:
         run(["systemctl", "start", units.unlock_unit(name)], timeout=120)
 
 
+def doctor_report(root: str, volume: str, guest: str) -> str:
+    """doctor's findings about `volume` and `guest`, and every failure about the host as a whole
+    (a check that fails for the host fails for them too), as `luksvm doctor` prints them."""
+    from luksvm import doctor
+
+    report = doctor.doctor(root)
+    mine = [
+        f
+        for f in report.findings
+        if f.subject in (volume, guest) or (f.subject == doctor.HOST and f.status == doctor.FAIL)
+    ]
+    checks = [c for c in report.checks if any(f.check == c.name for f in mine)]
+    return doctor.format_report(checks, mine)
+
+
 def default_services() -> Services:
-    """The real implementations (fakes replace them in tests). Doctor is wired in cli.py's
-    handler when it is part of the build."""
-    from luksvm import apply, guests, keys, unlock
+    """The real implementations (fakes replace them in tests)."""
+    from luksvm import apply, guests, unlock
 
     def apply_config(cfg: Config) -> list[str]:
         result = apply.apply(cfg)
@@ -1372,8 +1326,6 @@ def default_services() -> Services:
         lock_volume=lock_volume,
         adopt=adopt,
         backup_header=backup_header,
-        doctor=lambda _root: "(doctor is not part of this build)",
+        doctor=doctor_report,
         apply=apply_config,
-        check_keyfile=keys.check_keyfile,
-        keyring_secret=lambda volume, cfg: keys.keyring_secret(volume, cfg.settings),
     )

@@ -14,19 +14,18 @@ table), filesystem blocks (resize2fs), extents (LVM). No tool ever gets a size w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
-import getpass
 import json
 import logging
 import os
 import re
 import shlex
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes, stack
+from luksvm import blockdev, config, cryptsetup, devmapper, extfs, keys, lvm, sizes, stack
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
@@ -974,16 +973,22 @@ def execute(
     plan_: Plan,
     where: Where,
     *,
-    key: bytes | None = None,
+    key: keys.Key | None = None,
     journal_path: str | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> None:
     """Run the plan's steps in order. A step whose check already holds is skipped (resume);
     after every step its check must hold, or the run stops there."""
+    steps = plan_.steps
+    if key is not None and key.token_only:  # the token unlocks by itself: nothing on stdin
+        steps = tuple(
+            dataclasses.replace(s, argv=key.command(s.argv), needs_key=False) if s.needs_key else s
+            for s in steps
+        )
     run_steps(
-        plan_.steps,
+        steps,
         lambda check: measure(check, where),
-        key=key,
+        key=key.stdin if key is not None else None,
         journal_path=journal_path,
         progress=progress,
         command="luksvm shrink run",
@@ -1112,63 +1117,78 @@ def split_lv(text: str) -> tuple[str, str]:
     return vg, lv
 
 
-def _configured_volume(root: str, container: str, mapping_name: str) -> config.Volume | None:
+def _configured_volume(
+    root: str, container: str, mapping_name: str
+) -> tuple[config.Volume | None, config.Settings]:
+    """The luksvm volume on `container` (None for a container opened by hand) and the settings."""
     try:
         cfg = config.load(root)
     except config.ConfigError as error:
         log.warning("configuration not usable, not looking for the volume in it: %s", error)
-        return None
+        return None, config.Settings()
     real = os.path.realpath(container)
     for volume in cfg.volumes:
         if volume.name == mapping_name or os.path.realpath(volume.device) == real:
-            return volume
-    return None
+            return volume, cfg.settings
+    return None, cfg.settings
 
 
-def read_key(volume: config.Volume | None, container: str) -> bytes:
-    """The key for `container`: the configured volume's keyfile or keyring entry, else a prompt."""
-    if volume is not None and volume.key.kind == "file":
-        with open(volume.key.path, "rb") as f:
-            key = f.read()
-    elif volume is not None and volume.key.kind == "keyring":
-        import keyring
-
-        secret = keyring.get_password(volume.key.service, volume.key.user)
-        if secret is None:
-            raise LuksvmError(f"keyring has no secret for {volume.key} (volume {volume.name})")
-        key = secret.encode()
-    else:
-        if not sys.stdin.isatty():
-            raise LuksvmError(
-                f"{container} needs its passphrase and there is no terminal to ask on; "
-                "run luksvm in a terminal (ssh -t)"
-            )
-        key = getpass.getpass(f"Enter passphrase for {container}: ").encode()
-    if not cryptsetup.test_passphrase(container, key):
-        raise LuksvmError(f"the key for {container} opens none of its keyslots")
-    return key
+def key_for_plan(
+    plan_: Plan,
+    where: Where,
+    *,
+    root: str = "/",
+    key_file: str | None = None,
+    key: keys.Key | None = None,
+) -> keys.Key | None:
+    """The key the plan's steps need (LUKS2 resize; LUKS1 needs none), through keys.obtain_key,
+    before any step runs: without one this refuses, naming the first step that needs it. `key`
+    is one already obtained (to open the container)."""
+    needing = next((s for s in plan_.steps if s.needs_key), None)
+    if needing is None or key is not None:
+        return key
+    volume, settings = _configured_volume(root, where.container, where.mapping_name)
+    return keys.obtain_key(
+        where.container,
+        step=f"step {needing.number} ({needing.title})",
+        volume=volume,
+        settings=settings,
+        root=root,
+        key_file=key_file,
+    )
 
 
 @contextlib.contextmanager
 def session(
-    vg_lv: str, device: str | None, *, root: str = "/", need_key: bool = False
-) -> Iterator[tuple[Where, bytes | None]]:
+    vg_lv: str, device: str | None, *, root: str = "/", key_file: str | None = None
+) -> Iterator[tuple[Where, keys.Key | None]]:
     """Find every layer of VG/LV; open the LUKS container and activate the VG (on that device
-    alone) if they are not; yield; then close and deactivate exactly what was opened here."""
+    alone) if they are not; yield; then close and deactivate exactly what was opened here.
+    Yields the key it opened the container with (None when it was open already)."""
     vg, lv = split_lv(vg_lv)
     container, mapping_name = _find_container(vg, device)
-    volume = _configured_volume(root, container, mapping_name)
+    volume, settings = _configured_volume(root, container, mapping_name)
     opened = activated = False
-    key: bytes | None = None
+    key: keys.Key | None = None
     was_active: list[str] = []
     try:
-        luks = cryptsetup.read_header(container)
-        if not mapping_name or (need_key and luks.version == 2):
-            key = read_key(volume, container)
         if not mapping_name:
+            key = keys.obtain_key(
+                container,
+                step=f"opening {container} to read its layout",
+                volume=volume,
+                settings=settings,
+                root=root,
+                key_file=key_file,
+            )
             mapping_name = volume.name if volume else f"luksvm-shrink-{os.path.basename(container)}"
             log.info("opening %s as %s", container, mapping_name)
-            cryptsetup.open_with_key(container, mapping_name, key or b"")
+            run(
+                ["cryptsetup", "open", "--type", "luks", *key.options(), container, mapping_name],
+                stdin=key.stdin,
+                secret=key.stdin is not None,
+                timeout=cryptsetup.KEY_TIMEOUT,
+            )
             opened = True
             blockdev.settle()
         mapping = f"/dev/mapper/{mapping_name}"
@@ -1264,7 +1284,7 @@ def plan_for(where: Where, to: str, *, margin_percent: int, backup_dir: str) -> 
 def run_plan(
     where: Where,
     plan_: Plan,
-    key: bytes | None,
+    key: keys.Key | None,
     backup_dir: str,
     progress: Callable[[str], None],
 ) -> None:

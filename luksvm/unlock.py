@@ -13,11 +13,12 @@ never touch libvirt.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ SYSTEMCTL_TIMEOUT = 30
 # How long a lock waits for openers no process explains to go away. Seen in the VM at shutdown:
 # a guest's QEMU SIGKILLed with its machine scope held the mapping for some seconds more.
 TRANSIENT_WAIT = 15.0
+# libvirt states in which a guest has no QEMU (so its luksvm-guest@ unit is only a leftover)
+STOPPED_DOMAIN_STATES = frozenset({"shutoff", "missing"})
 UNEXPLAINED = "not found in /proc"
 
 # Options only systemd's crypttab generator acts on (luksvm's units do that work):
@@ -414,20 +417,42 @@ def settled_lock_plan(
 
 
 def lock(
-    config: Config, volumes: Sequence[Volume], *, from_unit: bool, dry_run: bool
+    config: Config,
+    volumes: Sequence[Volume],
+    *,
+    from_unit: bool,
+    dry_run: bool,
+    domain_states: Callable[[Config, Sequence[str]], dict[str, str]] | None = None,
 ) -> list[Plan]:
-    """Lock `volumes` (each on its own); an admin's lock goes through the volume's unit."""
+    """Lock `volumes` (each on its own); an admin's lock goes through the volume's unit.
+    domain_states(config, guests) tells what libvirt says of the guests (default: asks it)."""
     via_units = not from_unit and systemd_running(config.root)
     plans = []
     for volume in volumes:
         plan = settled_lock_plan(volume, wait=0 if dry_run else TRANSIENT_WAIT)
         if via_units and not plan.done and not plan.refusal:
-            plan = _through_unit(volume, plan)
+            plan = _through_unit(
+                volume, plan, lambda guests: (domain_states or libvirt_states)(config, guests)
+            )
         plans.append(plan)
     failures = [] if dry_run else execute_each(plans, config)
     if failures:
         raise LuksvmError("\n".join(failures))
     return plans
+
+
+def libvirt_states(config: Config, guests: Sequence[str]) -> dict[str, str]:
+    """What libvirt says of each guest: a virt.STATES name, "missing" for no such domain; {}
+    when libvirt does not answer (then nobody can tell whether a guest runs)."""
+    from luksvm import virt
+
+    try:
+        with virt.connect(config.settings.uri, readonly=True) as conn:
+            found = {guest: conn.find(guest) for guest in guests}
+            return {g: d.state() if d is not None else "missing" for g, d in found.items()}
+    except virt.VirtError as error:
+        log.warning("cannot ask libvirt whether %s run: %s", ", ".join(guests), error)
+        return {}
 
 
 def execute_each(plans: Sequence[Plan], config: Config) -> list[str]:
@@ -441,29 +466,50 @@ def execute_each(plans: Sequence[Plan], config: Config) -> list[str]:
     return failures
 
 
-def _through_unit(volume: Volume, plan: Plan) -> Plan:
-    """The admin's lock: refuse while a guest unit that requires the volume is active (stopping the
-    unlock unit would stop it through Requires=), else stop the unit, whose ExecStop locks."""
+def _through_unit(
+    volume: Volume, plan: Plan, domain_states: Callable[[Sequence[str]], dict[str, str]]
+) -> Plan:
+    """The admin's lock: refuse while a guest unit that requires the volume is active and its
+    domain runs (stopping the unlock unit would stop it through Requires=), else stop the unit,
+    whose ExecStop locks. A guest unit still active after its domain was shut off outside luksvm
+    (virsh shutdown; the unit remains after exit) is stopped first, and said so."""
     unit = unlock_unit(volume.name)
     guests = {guest_unit(g): g for g in volume.guests}
     states = unit_states([unit, *guests])
-    running = [
+    active = [
         g for u, g in guests.items() if states.get(u) in ("active", "activating", "reloading")
     ]
+    in_libvirt = domain_states(active) if active else {}
+    stale = [g for g in active if in_libvirt.get(g) in STOPPED_DOMAIN_STATES]
+    running = [g for g in active if g not in stale]
     if running:
+        unknown = [g for g in running if g not in in_libvirt]
         return Plan(
             volume.name,
             "lock",
             refusal=f"cannot lock {volume.name}: guest unit(s) "
             + ", ".join(guest_unit(g) for g in running)
-            + " require it and are active; stop them first: "
+            + " require it and are active"
+            + (" (libvirt did not answer whether the guest runs)" if unknown else "")
+            + "; stop them first: "
             + "; ".join(f"luksvm stop {g}" for g in running),
         )
+    stops = tuple(
+        Step(
+            ("systemctl", "stop", guest_unit(g)),
+            timeout=UNIT_STOP_TIMEOUT,
+            says=f"guest {g} is {in_libvirt[g]} in libvirt; stopping its stale unit "
+            f"{guest_unit(g)} (it remained active after the guest went down)",
+        )
+        for g in stale
+    )
+    notes = tuple(step.says for step in stops)
     if states.get(unit) != "active":
-        return plan  # not the unit's: lock it directly
+        # not the unit's: lock it directly
+        return dataclasses.replace(plan, steps=stops + plan.steps, notes=notes + plan.notes)
     stop = Step(("systemctl", "stop", unit), timeout=UNIT_STOP_TIMEOUT)
-    notes = (*plan.notes, f"{unit} ExecStop runs: " + "; ".join(plan.commands()))
-    return Plan(volume.name, "lock", (stop,), notes=notes)
+    notes += (*plan.notes, f"{unit} ExecStop runs: " + "; ".join(plan.commands()))
+    return Plan(volume.name, "lock", (*stops, stop), notes=notes)
 
 
 # --- the executor ------------------------------------------------------------------------------

@@ -120,6 +120,15 @@ class Domain:
     def disks(self) -> list[Disk]:
         return disks_from_xml(self.xml())
 
+    def defined_xml(self) -> str:
+        """The persistent definition with its secrets (VIR_DOMAIN_XML_INACTIVE|SECURE): what a
+        redefine must start from, or it drops VNC/SPICE passwords."""
+        import libvirt
+
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        text: str = call(f"XML of {self.name}", self._dom.XMLDesc, flags)
+        return text
+
     def start(self, deadline: float = START_DEADLINE) -> None:
         call(f"start {self.name}", self._dom.create, deadline=deadline)
 
@@ -209,6 +218,21 @@ class Connection:
                 f"(virsh define) or fix x-luksvm.guest={name} in the configuration"
             )
         return found
+
+    def define(self, xml: str) -> None:
+        """Define (or redefine) a persistent domain from `xml`."""
+        call("define the domain", self._conn.defineXML, xml)
+
+    # By guest name, for callers that keep names rather than Domain objects (migrate).
+
+    def state(self, guest: str) -> str:
+        return self.domain(guest).state()
+
+    def has_managed_save(self, guest: str) -> bool:
+        return self.domain(guest).has_managed_save()
+
+    def defined_xml(self, guest: str) -> str:
+        return self.domain(guest).defined_xml()
 
     def close(self) -> None:
         with contextlib.suppress(VirtError):

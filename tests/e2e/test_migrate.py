@@ -93,6 +93,13 @@ def check_work(work: BootResult) -> None:
 
     assert work.text("plain-image-after.sha256") == work.text("plain-image.sha256")
 
+    # doctor's real findings for the new volume and guest close the run
+    migrated = work.text("q2-migrate.txt")
+    assert "not part of this build" not in migrated
+    report = migrated.split("doctor says about cr_q2 and q2:\n", 1)[1]
+    assert "cr_q2" in report and " failed, " in report, migrated
+    assert "Start the guest: systemctl start luksvm-guest@q2.service" in migrated
+
 
 def check_after_reboot(work: BootResult, after: BootResult) -> None:
     for guest in GUESTS:
@@ -104,6 +111,17 @@ def check_after_reboot(work: BootResult, after: BootResult) -> None:
     # the whole guest-visible disk, byte for byte
     assert after.text("plain-mapping.sha256") == work.text("plain-image.sha256")
 
+    # refused while plain ran; after `virsh destroy` its guest unit stayed active (RemainAfterExit)
+    assert 'cannot lock cr_plain: still held by QEMU of guest "plain"' in after.text(
+        "lock-running.err"
+    )
+    assert "guest plain is running; shut it off first" in after.text("rollback-running.err")
+    assert after.text("plain.guest-unit-after-destroy") == "active"
+    assert (
+        "guest plain is shutoff in libvirt; stopping its stale unit luksvm-guest@plain.service"
+        in after.text("plain.rollback.txt")
+    )
+    assert after.text("plain.guest-unit-after-rollback") == "inactive"
     for guest in GUESTS:
         assert after.steps[f"rollback-{guest}"].rc == 0
         assert after.text(f"{guest}.rolled-back.xml") == work.text(f"{guest}.before.xml")

@@ -174,8 +174,10 @@ def check_refusals(work: BootResult) -> None:
 
 def check_runs(work: BootResult) -> None:
     # stack A: luksvm opened the closed container with its configured key, then closed it again
+    assert "cr_imap_encr" not in work.text("a-crypt-after-plan.txt")
+    check_keys(work)
     assert "every check held" in work.text("a-run.txt")
-    assert "cr_imap_encr" not in work.text("a-crypt-after.txt")
+    assert "cr_imap_encr" in work.text("a-crypt-after.txt")  # opened by hand: stays open
 
     # stack B: killed as the pvmove began; the LV was cut already, the move not done
     assert work.text("b-killed-rc") == "137", work.text("b-run-killed.txt")
@@ -197,6 +199,32 @@ def check_runs(work: BootResult) -> None:
         "home": "active",
         "srv": "active",
     }
+
+
+def check_keys(work: BootResult) -> None:
+    """Defect 2 of issue 15: a container opened by hand (no luksvm volume), no terminal."""
+    container = "/dev/volgrp4/lvimap_hd0"
+    assert work.steps["a-nokey-plan"].rc == 2
+    err = work.text("a-nokey-plan.err")
+    assert err.startswith(
+        f"luksvm: opening {container} to read its layout needs the key of {container}: no LUKS2 "
+        "token opens it, no key is configured for it, no --key-file was given, and there is no "
+        "terminal to ask on; nothing was changed; fix: pass --key-file FILE"
+    ), err
+    planned = work.text("a-plan-keyfile.txt")  # opened with --key-file FILE, closed again
+    assert f"--size {A['crypt_min_sectors']} luksvm-shrink-lvimap_hd0" in planned, planned
+    assert "luksvm-shrink" not in work.text("a-crypt-after-keyfile-plan.txt")
+
+    assert work.steps["a-nokey-run"].rc == 2
+    err = work.text("a-nokey-run.err")
+    assert re.match(
+        r"luksvm: step \d+ \(shrink the LUKS mapping cr_imap_encr to its PV\) needs the key of "
+        + re.escape(container),
+        err,
+    ), err
+    assert "Traceback" not in err
+    sizes = {lv["lv_name"]: int(lv["lv_size"]) for lv in lv_rows(work.json("a-lvs-refused.json"))}
+    assert sizes["root"] == 320 * MiB  # refused before the first change
 
 
 def lv_rows(report: dict) -> list[dict]:  # type: ignore[type-arg]

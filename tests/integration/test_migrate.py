@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import cryptsetup, migrate, qemuimg
+from luksvm import cryptsetup, migrate, qemuimg, virt
 from luksvm.errors import LuksvmError
 from luksvm.run import run, stream
 from tests.integration.conftest import sh, unique
@@ -201,9 +201,8 @@ def test_domain_is_redefined_and_rolled_back_on_libvirt(tmp_path: Path) -> None:
         "<interface type='network'><mac address='52:54:00:12:34:56'/>"
         "<source network='default'/></interface></devices></domain></node>"
     )
-    domains = migrate.LibvirtDomains(f"test://{node}")
-    try:
-        domains._conn.lookupByName("mail").destroy()  # the test driver starts its domains
+    with virt.connect(f"test://{node}") as domains:
+        domains.domain("mail").destroy()  # the test driver starts its domains
         assert domains.state("mail") == "shutoff" and not domains.has_managed_save("mail")
         previous = domains.defined_xml("mail")
         domains.define(migrate.rewrite_domain_xml(previous, "vda", "/dev/mapper/cr_mail"))
@@ -213,10 +212,8 @@ def test_domain_is_redefined_and_rolled_back_on_libvirt(tmp_path: Path) -> None:
         assert "discard='unmap'" in now or 'discard="unmap"' in now
         domains.define(previous)
         assert domains.defined_xml("mail") == previous
-        with pytest.raises(LuksvmError, match="no libvirt domain 'web'"):
+        with pytest.raises(LuksvmError, match="guest 'web': no libvirt domain of that name"):
             domains.state("web")
-    finally:
-        domains.close()
     assert os.path.exists(disk)
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from luksvm import blockdev, cryptsetup, lvm, shrink
+from luksvm import blockdev, cryptsetup, keys, lvm, shrink
+from luksvm.errors import LuksvmError
+from tests.conftest import write_config
 from tests.integration.conftest import make_luks, sh, unique
 
 MiB = 1024**2
@@ -284,3 +286,88 @@ def test_host_lv_container_is_read_from_the_host_vg(
         f"{plan.targets.container_size}b",
         f"{host_vg}/guestdisk",
     ) in [s.argv for s in plan.steps]
+
+
+# --- the key: through keys.obtain_key, asked for before the first step, only when needed ------
+
+
+@pytest.fixture
+def luks2_plan(
+    tmp_path: Path, lvm_env: dict[str, str], loop_device: Attach, stacks: list[Stack]
+) -> tuple[Stack, shrink.Plan]:
+    stack = build_stack(tmp_path, lvm_env, loop_device, luks_version=2)
+    stacks.append(stack)
+    return stack, shrink.plan(shrink.read_layout(stack.where), shrink.parse_target("32e", EXT))
+
+
+def _configure(root: Path, stack: Stack, key: str, mode: int | None = None) -> None:
+    if mode is not None:
+        path = root / key.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"k")
+        path.chmod(mode)
+    write_config(root, {"10.conf": f"cr_test {stack.where.container} {key} luks\n"})
+
+
+def _first_key_step(plan: shrink.Plan) -> str:
+    step = next(s for s in plan.steps if s.needs_key)
+    return f"step {step.number} ({step.title})"
+
+
+def test_shrink_refuses_a_keyfile_others_may_read_as_unlock_does(
+    tmp_path: Path, luks2_plan: tuple[Stack, shrink.Plan]
+) -> None:
+    stack, plan = luks2_plan
+    _configure(tmp_path / "root", stack, "/etc/luksvm/keys/k", 0o644)
+    with pytest.raises(LuksvmError) as caught:
+        shrink.key_for_plan(plan, stack.where, root=str(tmp_path / "root"))
+    assert "has mode 0644: group or others may access it" in caught.value.message
+    assert caught.value.fix.startswith("chmod 0400 ")
+
+
+def test_shrink_names_a_missing_keyfile_cleanly(
+    tmp_path: Path, luks2_plan: tuple[Stack, shrink.Plan]
+) -> None:
+    stack, plan = luks2_plan
+    _configure(tmp_path / "root", stack, "/etc/luksvm/keys/gone")
+    with pytest.raises(LuksvmError, match="keys/gone does not exist"):
+        shrink.key_for_plan(plan, stack.where, root=str(tmp_path / "root"))
+
+
+def test_shrink_uses_the_configured_keyfile_under_root(
+    tmp_path: Path, luks2_plan: tuple[Stack, shrink.Plan]
+) -> None:
+    stack, plan = luks2_plan
+    _configure(tmp_path / "root", stack, "/etc/luksvm/keys/k", 0o400)
+    key = shrink.key_for_plan(plan, stack.where, root=str(tmp_path / "root"))
+    assert key is not None and (key.source, key.secret) == ("keyfile", b"k")
+
+
+def test_shrink_of_a_container_opened_by_hand_without_a_key_refuses_naming_the_step(
+    tmp_path: Path, luks2_plan: tuple[Stack, shrink.Plan]
+) -> None:
+    stack, plan = luks2_plan
+    with pytest.raises(LuksvmError) as caught:
+        shrink.key_for_plan(plan, stack.where, root=str(tmp_path))  # no configuration at all
+    step = _first_key_step(plan)
+    assert step.endswith("(shrink the LUKS mapping cr_test to its PV)")
+    assert caught.value.message.startswith(f"{step} needs the key of {stack.where.container}")
+    given = tmp_path / "given.key"
+    given.write_bytes(b"k")
+    key = shrink.key_for_plan(plan, stack.where, root=str(tmp_path), key_file=str(given))
+    assert key is not None and key.source == "key-file"
+    assert key.command(plan.steps[0].argv) == plan.steps[0].argv
+    resize = next(s for s in plan.steps if s.needs_key)
+    token = keys.Key("token", "a token")
+    assert "--token-only" in token.command(resize.argv)
+    assert "--key-file=-" not in token.command(resize.argv)
+
+
+def test_luks1_resize_needs_no_key(
+    tmp_path: Path, lvm_env: dict[str, str], loop_device: Attach, stacks: list[Stack]
+) -> None:
+    stack = build_stack(tmp_path, lvm_env, loop_device, luks_version=1)
+    stacks.append(stack)
+    plan = shrink.plan(shrink.read_layout(stack.where), shrink.parse_target("32e", EXT))
+    assert not any(s.needs_key for s in plan.steps)
+    assert shrink.key_for_plan(plan, stack.where, root=str(tmp_path)) is None

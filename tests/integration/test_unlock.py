@@ -396,3 +396,12 @@ def test_lock_all_goes_in_reverse_config_order_and_closed_is_success(seed_root: 
     result = luksvm(seed_root, "lock", "--all", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "# cr_web: already locked\n# cr_imap_encr: already locked\n"
+
+
+def test_lock_reads_domain_states_from_libvirt(tmp_path: Path) -> None:
+    pytest.importorskip("libvirt")
+    root = write_config(tmp_path, {}, "[libvirt]\nuri = test:///default\n")
+    cfg = config.load(str(root))
+    assert unlock.libvirt_states(cfg, ["test", "nope"]) == {"test": "running", "nope": "missing"}
+    unreachable = write_config(tmp_path / "b", {}, "[libvirt]\nuri = test:///nonexistent.xml\n")
+    assert unlock.libvirt_states(config.load(str(unreachable)), ["test"]) == {}

@@ -79,3 +79,55 @@ def test_help_does_not_import_libvirt_or_systemd() -> None:
     assert not [
         m for m in imported if m.split(".")[0] in {"libvirt", "systemd", "keyring", "pexpect"}
     ]
+
+
+@pytest.mark.parametrize("action", ["plan", "run"])
+def test_a_negative_size_is_refused_in_words_not_as_a_missing_argument(
+    action: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["shrink", action, "--lv", "vg/lv", "--to", "-5GiB"]) == 64
+    err = capsys.readouterr().err
+    assert err == (
+        "luksvm: --to -5GiB: a size cannot be negative; fix: give the new size itself with its "
+        "unit, e.g. --to 60GiB\n"
+    )
+
+
+def test_a_negative_margin_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["shrink", "plan", "--lv", "vg/lv", "--to", "5GiB", "--margin", "-50"])
+    assert caught.value.code == 64
+    assert "argument --margin: -50: a margin cannot be negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--name", "bad name!"], "--name 'bad name!': a mapping name is"),
+        (["--name", "ok", "--to", "vg"], "--to 'vg': expected VG/LV"),
+        (["--name", "ok", "--key-size", "-5"], "--key-size -5: cannot be negative"),
+        (["--name", "ok", "--key", "keys/x"], "--key"),
+    ],
+)
+def test_migrate_checks_its_arguments_before_asking_libvirt(
+    tmp_path: Path, args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_config(tmp_path, {}, "[libvirt]\nuri = test:///nonexistent-luksvm-file\n")
+    argv = ["--root", str(root), "migrate", "mail", "--disk", "vda", "--to", "vg0/lv", *args]
+    assert main(argv) == 64
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "libvirt" not in err
+
+
+def test_signed_values_are_attached_only_to_their_options() -> None:
+    from luksvm.cli import attach_signed_values
+
+    assert attach_signed_values(["shrink", "run", "--to", "-5GiB", "--lv", "-x"]) == [
+        "shrink",
+        "run",
+        "--to=-5GiB",
+        "--lv",
+        "-x",
+    ]
+    assert attach_signed_values(["--", "--to", "-1"]) == ["--", "--to", "-1"]

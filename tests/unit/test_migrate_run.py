@@ -4,6 +4,7 @@ devices. The real tools are exercised in tests/integration/test_migrate.py and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from luksvm import blockdev, config, cryptsetup, lvm, migrate, qemuimg
+from luksvm import blockdev, config, cryptsetup, keys, lvm, migrate, qemuimg
 from luksvm.config import Config, Volume
 from luksvm.cryptsetup import LuksHeader, MappingStatus
 from luksvm.errors import LuksvmError, UsageError
@@ -59,6 +60,20 @@ class World:
     copy_differs: bool = False
     services: list[str] = field(default_factory=list)
     out: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+    # --- the terminal and keys.py's key test (cryptsetup open --test-passphrase) ---
+
+    def ask(self, prompt: str) -> str:
+        self.services.append(f"ask: {prompt}")
+        return self.answers.pop(0)
+
+    def test_key(
+        self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None, **_: object
+    ) -> Result:
+        assert tuple(argv[:3]) == ("cryptsetup", "open", "--test-passphrase"), argv
+        self.calls.append(("cryptsetup", "test-passphrase"))
+        return Result(tuple(argv), 0 if stdin == KEY else 2, "", "")
 
     # --- processes ---
 
@@ -171,29 +186,22 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     monkeypatch.setattr(migrate, "stream", w.stream)
     monkeypatch.setattr(cryptsetup, "read_header", w.header)
     monkeypatch.setattr(cryptsetup, "status", w.status)
-    monkeypatch.setattr(cryptsetup, "test_passphrase", lambda device, key: key == KEY)
+    monkeypatch.setattr(keys, "run", w.test_key)
+    monkeypatch.setattr(keys, "terminal", lambda: True)
+    monkeypatch.setattr(keys.getpass, "getpass", w.ask)
     monkeypatch.setattr(blockdev, "settle", lambda: None)
     return w
 
 
 def context(w: World, answers: list[str] | None = None) -> migrate.Context:
-    asked = list(answers if answers is not None else [KEY.decode(), KEY.decode()])
-
-    def ask(prompt: str) -> str:
-        w.services.append(f"ask: {prompt}")
-        return asked.pop(0)
-
+    w.answers = list(answers if answers is not None else [KEY.decode(), KEY.decode()])
     services = migrate.Services(
         stop_guest=w.service("stop_guest"),
         lock_volume=w.service("lock_volume"),
         adopt=w.service("adopt"),
         backup_header=w.service("backup_header"),  # type: ignore[arg-type]
-        doctor=lambda root: "OK   everything\n",
+        doctor=lambda root, volume, guest: f"OK   {volume} {guest}\n",
         apply=w.service("apply"),  # type: ignore[arg-type]
-        check_keyfile=lambda volume, path: None,
-        keyring_secret=lambda volume, cfg: b"",
-        ask=ask,
-        can_ask=lambda: True,
     )
     w.out.clear()
     return migrate.Context(str(w.root), config.load(str(w.root)), w, services, w.out.append)
@@ -238,7 +246,7 @@ def test_a_migration_runs_every_step_in_order_and_keys_go_on_stdin_only(world: W
     ]
     out = "\n".join(world.out)
     assert "copied: 64.0 MiB of 64.0 MiB (100.0 %)" in out
-    assert "doctor says:\n  OK   everything" in out
+    assert "doctor says about cr_mail and mail:\n  OK   cr_mail mail" in out
     assert f"Delete it when satisfied: rm -- {world.source}" in out
     assert world.source.read_bytes() == b"QFI\xfb"  # the source is never written
 
@@ -266,11 +274,13 @@ def test_a_run_killed_during_the_copy_resumes_with_the_same_command(world: World
     assert not world.commands("lvcreate") and not world.commands("luksFormat")
     assert [c[:2] for c in world.calls if c[0] in ("cryptsetup", "qemu-img")] == [
         ("qemu-img", "info"),  # the source is checked unchanged
+        ("cryptsetup", "test-passphrase"),  # the key is tested before anything runs
         ("cryptsetup", "open"),
         ("qemu-img", "convert"),  # the copy starts over
         ("qemu-img", "compare"),
     ]
-    assert world.services[0] == "ask: Passphrase for cr_mail: "  # asked once, tested first
+    # asked once, tested first
+    assert world.services[0] == "ask: Enter passphrase for cr_mail (/dev/vg0/lv_mail): "
     assert migrate.domain_disk(world.xml, "vda").source == "/dev/mapper/cr_mail"
 
 
@@ -396,3 +406,40 @@ def test_config_must_be_valid_before_anything_is_written(world: World) -> None:
     assert isinstance(ctx.config, Config)
     with pytest.raises(LuksvmError, match="mapping name cr_mail is configured already"):
         migrate.migrate(REQUEST, ctx)
+
+
+def test_without_a_terminal_it_refuses_naming_the_step_before_the_lv_is_created(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keys, "terminal", lambda: False)
+    with pytest.raises(LuksvmError) as caught:
+        migrate.migrate(REQUEST, context(world, answers=[]))
+    assert caught.value.message.startswith("step format (")
+    assert (
+        "needs the key of cr_mail: it is to be asked as a passphrase, and there is no terminal"
+        in (caught.value.message)
+    )
+    assert caught.value.fix.startswith("give a keyfile or keyring: key instead (--key)")
+    assert not world.commands("lvcreate") and not world.formatted
+
+
+def test_a_keyfile_others_may_read_is_refused_as_unlock_refuses_it(world: World) -> None:
+    path = world.root / "etc/luksvm/keys/mail.key"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(KEY)
+    path.chmod(0o644)
+    request = dataclasses.replace(REQUEST, key="/etc/luksvm/keys/mail.key")
+    with pytest.raises(LuksvmError) as caught:
+        migrate.migrate(request, context(world, answers=[]))
+    assert caught.value.fix == f"chmod 0400 {path}"
+    assert not world.commands("lvcreate")
+    path.chmod(0o400)
+    migrate.migrate(request, context(world, answers=[]))
+    assert world.stdins == {"format": KEY, "open": KEY}
+
+
+def test_the_start_hint_names_the_systemd_escaped_unit(world: World) -> None:
+    migrate.migrate(dataclasses.replace(REQUEST, guest="mail-1"), context(world))
+    assert "Start the guest: systemctl start 'luksvm-guest@mail\\x2d1.service'" in "\n".join(
+        world.out
+    )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +488,74 @@ def test_a_mapping_closed_by_someone_else_during_the_lock_is_success(
     monkeypatch.setattr(unlock.devmapper, "names", lambda: {"cr_imap_encr"})
     with pytest.raises(LuksvmError, match=r"^cannot lock cr_imap_encr: .*not active"):
         unlock.execute(plan, cfg)
+
+
+# --- the admin's lock through the unit, with the guest's unit left active after a shutdown -----
+
+
+def _active_units(monkeypatch: pytest.MonkeyPatch, *active: str) -> None:
+    monkeypatch.setattr(
+        unlock,
+        "unit_states",
+        lambda units: {u: "active" if u in active else "inactive" for u in units},
+    )
+
+
+CLOSE = unlock.Plan("cr_imap_encr", "lock", (unlock.Step(("cryptsetup", "close", "cr_imap_encr")),))
+
+
+@pytest.mark.parametrize("state", ["shutoff", "missing"])
+def test_lock_stops_the_stale_guest_unit_of_a_shut_off_domain_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    _active_units(monkeypatch, "luksvm-unlock@cr_imap_encr.service", "luksvm-guest@mail.service")
+    asked: list[tuple[str, ...]] = []
+
+    def states(guests: Sequence[str]) -> dict[str, str]:
+        asked.append(tuple(guests))
+        return {"mail": state}
+
+    plan = unlock._through_unit(volume(IMAP), CLOSE, states)
+    assert asked == [("mail",)]
+    assert not plan.refusal
+    assert plan.commands() == [
+        "systemctl stop luksvm-guest@mail.service",
+        "systemctl stop luksvm-unlock@cr_imap_encr.service",
+    ]
+    assert plan.steps[0].says == (
+        f"guest mail is {state} in libvirt; stopping its stale unit luksvm-guest@mail.service "
+        "(it remained active after the guest went down)"
+    )
+    assert plan.notes[0] == plan.steps[0].says
+
+
+@pytest.mark.parametrize(
+    ("answer", "extra"),
+    [({"mail": "running"}, ""), ({"mail": "paused"}, ""), ({}, " (libvirt did not answer")],
+)
+def test_lock_still_refuses_while_the_domain_runs_or_libvirt_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch, answer: dict[str, str], extra: str
+) -> None:
+    _active_units(monkeypatch, "luksvm-unlock@cr_imap_encr.service", "luksvm-guest@mail.service")
+    plan = unlock._through_unit(volume(IMAP), CLOSE, lambda guests: answer)
+    assert not plan.steps
+    assert plan.refusal.startswith(
+        "cannot lock cr_imap_encr: guest unit(s) luksvm-guest@mail.service require it and are "
+        "active" + extra
+    )
+    assert plan.refusal.endswith("; stop them first: luksvm stop mail")
+
+
+def test_lock_asks_libvirt_nothing_when_no_guest_unit_is_active(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _active_units(monkeypatch, "luksvm-unlock@cr_imap_encr.service")
+
+    def states(guests: Sequence[str]) -> dict[str, str]:
+        raise AssertionError("libvirt asked")
+
+    plan = unlock._through_unit(volume(IMAP), CLOSE, states)
+    assert plan.commands() == ["systemctl stop luksvm-unlock@cr_imap_encr.service"]
 
 
 def test_keyring_volume_with_a_token_option_does_not_blame_a_missing_systemd_cryptsetup() -> None:

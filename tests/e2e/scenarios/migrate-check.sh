@@ -1,5 +1,5 @@
 # Boot 2 of test_migrate.py: luksvm.target unlocked cr_plain and cr_q2 and started both guests
-# from them. Then, with the guests shut off: the files in each mapping are the originals, and
+# from them. Then, with the guests shut off (plain by the admin, behind luksvm's back): the files in each mapping are the originals, and
 # `luksvm migrate --rollback` gives each domain its previous definition back.
 
 uri=qemu:///system
@@ -11,10 +11,16 @@ for guest in plain q2; do
 done
 journalctl -b -o cat -u 'luksvm-unlock@*' -u 'luksvm-guest@*' > units.log || true
 
-for guest in plain q2; do
-    step "stop-$guest" systemctl stop "luksvm-guest@$guest.service"
-    virsh -q -c $uri domstate "$guest" > "$guest.state-after-stop"
-done
+# While plain runs, lock and rollback refuse. Then the admin shuts plain off behind luksvm's back
+# (virsh destroy: these guests boot no OS that would answer ACPI): its luksvm-guest@ unit remains
+# active after exit, and the rollback below stops that stale unit itself and says so.
+expect_fail lock-running luksvm lock cr_plain
+expect_fail rollback-running luksvm migrate --rollback plain
+step stop-plain virsh -q -c $uri destroy plain
+systemctl is-active luksvm-guest@plain.service > plain.guest-unit-after-destroy || true
+virsh -q -c $uri domstate plain > plain.state-after-stop
+step stop-q2 systemctl stop luksvm-guest@q2.service
+virsh -q -c $uri domstate q2 > q2.state-after-stop
 
 # the whole guest-visible disk, then every file
 size=$(cat "$E2E_IN/plain-image.size")
@@ -35,3 +41,4 @@ for guest in plain q2; do
     ls /etc/luksvm/crypttab.d > "$guest.fragments-after-rollback"
 done
 lvs --reportformat json -o lv_name volgrp4 > lvs-after-rollback.json
+systemctl is-active luksvm-guest@plain.service > plain.guest-unit-after-rollback || true

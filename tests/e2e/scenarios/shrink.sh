@@ -3,8 +3,9 @@
 # Stack A (host LV): volgrp4/lvimap_hd0 grown to 640 MiB → LUKS2 cr_imap_encr → vgmail: root
 #   grown to 320 MiB (PE 0-79), a 64 MiB gap, LV data 64 MiB (PE 96-111). Shrink root to 128 MiB:
 #   data must move down (pvmove), then PV, mapping and host LV shrink, mapping and PV grow back.
-#   The container is closed and configured in crypttab.d: luksvm opens it with its keyfile and
-#   closes it again.
+#   The container is closed and configured in crypttab.d: luksvm plans it, opening it with its
+#   keyfile and closing it again. Then, as a container opened by hand and no luksvm volume, with
+#   no terminal: refused without a key, planned with --key-file FILE, shrunk with --key-file -.
 # Stack B (partition): disk pv1 → GPT partition 1 (sectors 2048-919551, 448 MiB) → LUKS1 with
 #   payload offset 4,104 sectors (2 MiB + 4 KiB: not a MiB multiple; cryptsetup 2.6 refuses to format the 65,537, "Data offset is not multiple of 4096 bytes") → vgdata: home 256 MiB,
 #   a 32 MiB gap, srv 32 MiB. Shrink home to 128 MiB. The admin has it open and the VG active,
@@ -109,12 +110,37 @@ expect_fail bare-size luksvm shrink plan --lv vgdata/home --to 60G
 step a-plan-json into a-plan.json luksvm shrink plan --lv vgmail/root --to 128MiB \
     --device /dev/volgrp4/lvimap_hd0 --json
 luksvm shrink plan --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 > a-plan.txt
-step a-run luksvm shrink run --lv vgmail/root --to 128MiB --device /dev/volgrp4/lvimap_hd0 \
-    --yes-i-have-a-backup > a-run.txt 2>&1 || { cat a-run.txt; exit 1; }
+# luksvm opened the closed container with its configured key (keys.py) and closed it again
+dmsetup ls --target crypt > a-crypt-after-plan.txt
+
+# Stack A as the new user has it: the container is no luksvm volume (its fragment moved
+# aside), and luksvm runs as over a plain `ssh host …`: no terminal (setsid, stdin /dev/null).
+# Without a key: refused before any change, naming the step. With --key-file FILE (the admin's
+# own copy, mode 0644: a file named on the command line is the admin's business) and with
+# --key-file - (the key on stdin): it works.
+mv /etc/luksvm/crypttab.d/10-seed.conf /root/10-seed.conf.aside
+install -m 0644 /etc/luksvm/keys/imap.key /root/imap.key
+expect_fail a-nokey-plan setsid --wait luksvm shrink plan --lv vgmail/root --to 128MiB \
+    --device /dev/volgrp4/lvimap_hd0 < /dev/null
+step a-plan-keyfile into a-plan-keyfile.txt setsid --wait luksvm shrink plan --lv vgmail/root \
+    --to 128MiB --device /dev/volgrp4/lvimap_hd0 --key-file /root/imap.key < /dev/null
+dmsetup ls --target crypt > a-crypt-after-keyfile-plan.txt
+step a-open-by-hand cryptsetup open --key-file /etc/luksvm/keys/imap.key /dev/volgrp4/lvimap_hd0 \
+    cr_imap_encr
+udevadm settle
+expect_fail a-nokey-run setsid --wait luksvm shrink run --lv vgmail/root --to 128MiB \
+    --device /dev/volgrp4/lvimap_hd0 --yes-i-have-a-backup < /dev/null
+lvs --reportformat json --units b --nosuffix -o lv_name,lv_size vgmail > a-lvs-refused.json
+step a-run setsid --wait luksvm shrink run --lv vgmail/root --to 128MiB \
+    --device /dev/volgrp4/lvimap_hd0 --yes-i-have-a-backup --key-file - < /root/imap.key \
+    > a-run.txt 2>&1 || { cat a-run.txt; exit 1; }
 cat a-run.txt
-# luksvm opened the container and activated vgmail: both must be gone again
+# the admin's mapping stays open; what luksvm activated (vgmail) is off again
 dmsetup ls --target crypt > a-crypt-after.txt
 lvs --reportformat json -o lv_name,lv_active vgmail > a-lvs-after.json 2> /dev/null || true
+vgchange -q -an vgmail
+step a-close-by-hand cryptsetup close cr_imap_encr
+mv /root/10-seed.conf.aside /etc/luksvm/crypttab.d/10-seed.conf
 
 # --- stack B: plan, a run killed between steps, the same command again -------------------------
 step b-plan-json into b-plan.json luksvm shrink plan --lv vgdata/home --to 128MiB --json

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from luksvm import files, units
-from luksvm.config import Config
+from luksvm import cryptsetup, files, keys, units
+from luksvm.config import LUKSVM_PREFIX, TOKEN_OPTIONS, Config, Volume
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import run
 from luksvm.systemctl import systemd_running
@@ -47,6 +47,8 @@ class Plan:
     manifest: str  # the manifest's new text
     manifest_changed: bool
     reload: bool  # systemctl daemon-reload after the changes
+    # volumes whose unit would run systemd-cryptsetup itself but for their keyfile (warned)
+    keyfile_problems: tuple[str, ...] = ()
 
 
 # --- where things are --------------------------------------------------------------------------
@@ -127,15 +129,67 @@ def _is_ours(text: str | None) -> bool:
     return text is not None and text.startswith(units.HEADER)
 
 
+# Options that need luksvm at unlock time: tokens (one attempt per source, never a token and a
+# keyfile together), a keyfile on a device that may still appear, and luksvm's own beyond guest=.
+NEEDS_LUKSVM = TOKEN_OPTIONS | {"keyfile-timeout"}
+
+
+def attaches_directly(volume: Volume) -> bool:
+    """A keyfile volume whose unlock needs nothing from luksvm at boot: its unit can run
+    `systemd-cryptsetup attach` itself (luksvm unlock would run just that)."""
+    names = {option.partition("=")[0] for option in volume.options}
+    return (
+        volume.key.kind == "file"
+        and not names & NEEDS_LUKSVM
+        and all(n == LUKSVM_PREFIX + "guest" for n in names if n.startswith(LUKSVM_PREFIX))
+    )
+
+
+def direct_attach(config: Config) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """The `systemd-cryptsetup attach` argv of each volume whose unit runs it itself, and why
+    others that could are left to `luksvm unlock` (a keyfile that fails the checks unlock makes:
+    missing, not root's, readable by others — its unit then refuses it at boot, as before).
+
+    The checks unlock made at every boot are made here, once, and by doctor (check keys)."""
+    from luksvm.unlock import attach_options
+
+    root = config.root
+    binary = cryptsetup.find_systemd_cryptsetup(
+        lambda path: os.path.exists(os.path.join(root, path.lstrip("/")))
+    )
+    attach: dict[str, tuple[str, ...]] = {}
+    problems: list[str] = []
+    if not binary:  # cryptsetup open instead: that is luksvm's to run
+        return attach, problems
+    for volume in config.volumes:
+        if not attaches_directly(volume):
+            continue
+        try:
+            keys.keyfile_path(volume, root)
+        except LuksvmError as error:
+            fix = f"; {error.fix}, then luksvm apply" if error.fix else ""
+            problems.append(
+                f"{error.message}: its unit runs `luksvm unlock`, which refuses the keyfile at "
+                f"boot{fix}"
+            )
+            continue
+        attach[volume.name] = cryptsetup.attach_argv(
+            binary, volume.name, volume.device, volume.key.path, attach_options(volume)
+        )
+    return attach, problems
+
+
 def plan(config: Config, *, luksvm_path: str) -> Plan:
     """Compare what `config` asks for with what ROOT holds. Reads; changes nothing."""
     root = config.root
     packaged = packaged_template_dir(root)
+    attach, keyfile_problems = direct_attach(config)
     rendering = units.render(
         config,
         luksvm_path=luksvm_path,
         template_dir=packaged or "/" + UNIT_DIR,
         templates=None if packaged else shipped_templates(),
+        attach=attach,
     )
     wanted_files = {f"{UNIT_DIR}/{p}": text for p, text in rendering.files.items()}
     wanted_links = {f"{UNIT_DIR}/{p}": target for p, target in rendering.links.items()}
@@ -196,6 +250,7 @@ def plan(config: Config, *, luksvm_path: str) -> Plan:
         manifest=manifest + "\n",
         manifest_changed=old_manifest != manifest + "\n",
         reload=bool(changes) and systemd_running(root),
+        keyfile_problems=tuple(keyfile_problems),
     )
 
 
@@ -312,6 +367,7 @@ def describe(plan: Plan, *, dry_run: bool, diff: bool) -> Iterator[str]:
 
 
 def warnings(plan: Plan) -> Iterator[str]:
+    yield from plan.keyfile_problems
     for path in plan.left:
         yield (
             f"left {os.path.join(plan.root, path)} in place: an earlier apply wrote it, the "

@@ -6,7 +6,6 @@ LUKS2 in bytes: LuksHeader.data_offset is always bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -142,6 +141,8 @@ def _luks2_identity(device: str) -> tuple[str, str] | None:
     except OSError:
         return None
     algorithm = area[72:104].split(b"\0")[0].decode("ascii", "replace")
+    import hashlib  # loading OpenSSL is not for the boot path (unlock, lock)
+
     try:
         digest = hashlib.new(algorithm)
     except ValueError:

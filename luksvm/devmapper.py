@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from luksvm.errors import LuksvmError
 from luksvm.run import run
 
 TIMEOUT = 30
@@ -37,28 +40,36 @@ class DmDevice:
         return self.uuid.startswith("LVM-")
 
 
+INFO_ARGV: tuple[str, ...] = ("dmsetup", "info", "-c", "--noheadings", "--separator", "|")
+INFO_ARGV += ("-o", "blkdevname,open,uuid,name")
+# dmsetup lists the devices, then asks about each: one removed in between (another volume's lock
+# closing it) fails the whole command. Seen in the VM at shutdown, where the locks run together.
+INFO_ATTEMPTS = 5
+INFO_PAUSE = 0.2
+
+
 def devices() -> list[DmDevice]:
-    """Every device-mapper device on this machine (none when the kernel has no device-mapper)."""
-    result = run(
-        [
-            "dmsetup",
-            "info",
-            "-c",
-            "--noheadings",
-            "--separator",
-            "|",
-            "-o",
-            "blkdevname,open,uuid,name",
-        ],
-        timeout=TIMEOUT,
-        check=False,
+    """Every device-mapper device on this machine (none when the kernel has no device-mapper).
+
+    A failing `dmsetup info` means "none" only when sysfs shows no device-mapper device either;
+    otherwise it is asked again, and LuksvmError when it keeps failing — never an empty list that
+    would make an open mapping look closed."""
+    for attempt in range(INFO_ATTEMPTS):
+        result = run(INFO_ARGV, timeout=TIMEOUT, check=False)
+        if result.returncode == 0:
+            return [
+                DmDevice(d.name, d.kernel, d.uuid, d.open_count, holders_of(d.kernel))
+                for d in parse_info(result.stdout)
+            ]
+        if not names():
+            return []
+        if attempt + 1 < INFO_ATTEMPTS:
+            time.sleep(INFO_PAUSE)
+    raise LuksvmError(
+        f"cannot list the device-mapper devices: {shlex.join(INFO_ARGV)} failed "
+        f"{INFO_ATTEMPTS} times (exit {result.returncode}): {result.stderr.strip()}",
+        fix="run that command to see why; nothing was changed",
     )
-    if result.returncode != 0:
-        return []
-    return [
-        DmDevice(d.name, d.kernel, d.uuid, d.open_count, holders_of(d.kernel))
-        for d in parse_info(result.stdout)
-    ]
 
 
 def parse_info(text: str) -> list[DmDevice]:

@@ -1398,13 +1398,27 @@ def keys_check(host: Host) -> Iterator[Finding]:
             try:
                 keys.check_keyfile(volume.name, path)  # what unlock refuses, doctor reports
             except LuksvmError as error:
-                yield Finding.fail(volume.name, _without_name(volume, error), fix=error.fix)
+                message = _without_name(volume, error)
+                if _attaches_directly(host, volume):
+                    # apply checked it; at boot nothing does (the unit runs systemd-cryptsetup)
+                    message += "; its unit runs systemd-cryptsetup, which uses the keyfile as it is"
+                yield Finding.fail(volume.name, message, fix=error.fix)
                 continue
             yield _keyfile_at_rest(host, volume, path)
         elif volume.key.kind == "keyring":
             yield _keyring_key(host, volume)
         else:
             yield Finding.ok(volume.name, "passphrase asked at unlock (nothing stored on the host)")
+
+
+def _attaches_directly(host: Host, volume: Volume) -> bool:
+    """The volume's applied unit runs `systemd-cryptsetup attach` itself (see apply)."""
+    dropin = host.path(f"/etc/systemd/system/{units.unlock_unit(volume.name)}.d/{units.DROPIN}")
+    try:
+        with open(dropin, encoding="utf-8") as f:
+            return "systemd-cryptsetup attach" in f.read()
+    except OSError:
+        return False
 
 
 def _without_name(volume: Volume, error: LuksvmError) -> str:

@@ -13,7 +13,6 @@ import re
 import shlex
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -414,6 +413,8 @@ def stop_guests(config: Config, names: Sequence[str], connect: Connect) -> list[
     one LuksvmError naming every guest that failed, after all have finished."""
     if not names:
         return []
+    from concurrent.futures import ThreadPoolExecutor  # only when several guests stop
+
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         futures = [(n, pool.submit(stop_guest, config, n, connect)) for n in names]
     done: list[Stopped] = []
@@ -495,6 +496,8 @@ def stop_through_units(config: Config, names: Sequence[str]) -> Iterator[Progres
     argv = ("systemctl", "stop", *(unit_name(n) for n in active))
     if active:
         yield Progress("", "stop", argv)
+    from concurrent.futures import ThreadPoolExecutor  # only when several guests stop
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         through_units = None
         if active:

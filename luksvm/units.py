@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from luksvm.config import SETTINGS_FILE, Config, Guest, Volume
@@ -161,7 +161,12 @@ def _dropin(origin: str, source: str, unit: list[str], service: list[str] | None
     return "\n".join(lines) + "\n"
 
 
-def _unlock_dropin(config: Config, volume: Volume, previous_interactive: Volume | None) -> str:
+def _unlock_dropin(
+    config: Config,
+    volume: Volume,
+    previous_interactive: Volume | None,
+    attach: Sequence[str] = (),
+) -> str:
     device = device_unit(volume.device)
     unit = [f"BindsTo={device}", f"After={device}"]
     if volume.key.kind == "file":
@@ -177,7 +182,12 @@ def _unlock_dropin(config: Config, volume: Volume, previous_interactive: Volume 
         unit.append("Before=" + " ".join(LIBVIRT_DAEMONS))
     extra_unit, service = _unattended_lines(config, volume)
     source = _on_target(config, volume.where.path)
-    return _dropin(f"{source}:{volume.where.line}", source, unit + extra_unit, service)
+    return _dropin(
+        f"{source}:{volume.where.line}",
+        source,
+        unit + extra_unit,
+        service + _attach_service(volume, attach),
+    )
 
 
 # Time for the unit's own work around its unattended attempts (reading the header, udev)
@@ -200,6 +210,20 @@ def _unattended_lines(config: Config, volume: Volume) -> tuple[list[str], list[s
         unit += ["Wants=network-online.target", "After=network-online.target"]
     timeout = format_timespan(unattended_start_timeout_usec(config, volume))
     return unit, [f"TimeoutStartSec={timeout}"]
+
+
+def _attach_service(volume: Volume, attach: Sequence[str]) -> list[str]:
+    """A unit that runs systemd-cryptsetup itself (no Python at boot): ExecStart replaced, the
+    lock (ExecStop) kept; its journal entries carry the fields luksvm's own would."""
+    if not attach:
+        return []
+    return [
+        "# Nothing at boot needs luksvm: `luksvm apply` checked the keyfile (doctor checks it).",
+        "ExecStart=",
+        "ExecStart=" + " ".join(unit_word(word) for word in attach),
+        "LogExtraFields=" + unit_word(f"LUKSVM_VOLUME={volume.name}"),
+        "LogExtraFields=LUKSVM_KEY_SOURCE=keyfile",
+    ]
 
 
 def _device_timeout_dropin(config: Config, volume: Volume, timeout: str) -> str:
@@ -259,13 +283,16 @@ def render(
     luksvm_path: str,
     template_dir: str,
     templates: Mapping[str, str] | None = None,
+    attach: Mapping[str, Sequence[str]] | None = None,
 ) -> Rendering:
     """Everything apply writes for `config`.
 
     luksvm_path: the absolute path of the luksvm executable the units run (used only in the
     templates, which are rendered only when `templates` maps their names to the packaged text,
     i.e. when no package installed them). template_dir: where the templates live on the target
-    system, for the targets of the .wants symlinks.
+    system, for the targets of the .wants symlinks. attach: volume name → the
+    `systemd-cryptsetup attach …` argv its unit runs instead of `luksvm unlock --no-start`
+    (volumes whose unlock needs nothing from luksvm at boot; apply decides which).
     """
     files: dict[str, str] = {}
     links: dict[str, str] = {}
@@ -279,7 +306,9 @@ def render(
     for volume in config.volumes:
         try:
             unit = unlock_unit(volume.name)
-            dropin = _unlock_dropin(config, volume, previous_interactive)
+            dropin = _unlock_dropin(
+                config, volume, previous_interactive, (attach or {}).get(volume.name, ())
+            )
         except UsageError as error:
             raise UsageError(f"{volume.where}: {error}") from None
         files[f"{unit}.d/{DROPIN}"] = dropin

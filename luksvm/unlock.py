@@ -20,16 +20,20 @@ import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from luksvm import blockdev, cryptsetup, devmapper, journal, keys, lvm, tokens
+from luksvm import cryptsetup, devmapper, journal, keys, tokens
 from luksvm.config import GENERATOR_OPTIONS, TOKEN_OPTION_PREFIXES, Config, Settings, Volume
 from luksvm.devmapper import DmDevice
 from luksvm.durations import USEC_PER_SEC
 from luksvm.errors import LuksvmError
-from luksvm.lvm import VolumeGroup
 from luksvm.run import CommandError, run, run_interactive
 from luksvm.systemctl import systemd_running, unit_states
 from luksvm.units import guest_unit, unlock_unit
+
+if TYPE_CHECKING:
+    # lvm and blockdev serve only lock; the boot path (unlock --no-start) never imports them.
+    from luksvm.lvm import VolumeGroup
 
 log = logging.getLogger("luksvm.unlock")
 
@@ -360,6 +364,8 @@ class LockProbe:
 
 def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
     """What locking `volume` takes: deactivate its VGs, settle, close; or why not (held)."""
+    from luksvm import lvm
+
     name = volume.name
     by_kernel = {d.kernel: d for d in probe.devices}
     mapping = next((d for d in probe.devices if d.name == name), None)
@@ -422,6 +428,8 @@ def _holders(
     users: dict[str, tuple[devmapper.Opener, ...]],
 ) -> list[Held]:
     """What holds `device` and would still hold it after luksvm deactivated the VGs `ours`."""
+    from luksvm import lvm
+
     held = []
     for kernel in device.holders:
         if kernel in ours:
@@ -479,6 +487,8 @@ def _fix(volume: Volume, held: list[Held]) -> str:
 def guest_vgs(device: str, candidates: Sequence[str]) -> list[VolumeGroup]:
     """The VGs with a PV on `device`, each with all its PVs among `candidates` (the open LUKS
     mappings: a guest VG may span several)."""
+    from luksvm import lvm
+
     path = os.path.realpath(device)
     return [
         vg
@@ -507,6 +517,8 @@ def settled_lock_plan(
     """lock_plan on a fresh probe; while it is refused only for openers no process explains,
     settle udev and look again, for up to `wait` seconds. Never forces: what still holds the
     mapping after that is refused as before."""
+    from luksvm import blockdev
+
     plan = lock_plan(volume, probe_lock(volume, with_lvm=with_lvm))
     if not (plan.transient and wait > 0):
         return plan

@@ -62,6 +62,10 @@ def test_boot_unlock_admin_path_and_shutdown(host: Machine) -> None:
     for unit in (*map(unlock_unit, KEYFILE_VOLUMES), *map(guest_unit, ("mail", "web", "spare"))):
         assert unit in wants
     assert "cr_pass" not in wants and "@pass" not in wants, "a noauto volume pulled into the boot"
+    # a keyfile volume's unit runs systemd-cryptsetup itself; the lock stays luksvm's
+    units_text = setup.text("units.txt")
+    assert re.search(r"\nExecStart=/\S+/systemd-cryptsetup attach cr_imap_encr ", units_text)
+    assert re.search(r"\nExecStop=\S+/luksvm lock --from-unit -- %I\n", units_text)
 
     # boot 2 waits out two stop_timeouts and starts a Python process per step: under emulation on
     # a busy machine (load 6-8) it took 352 s
@@ -253,6 +257,10 @@ def check_wrong_keyfile_boot(check: BootResult, admin: BootResult) -> None:
     # systemd-cryptsetup's own words, relayed by luksvm: one try, then no prompt
     journal.first(r"Failed to activate with key file '/etc/luksvm/keys/web.key'", boot=boot)
     journal.first(r"Too many attempts to activate; giving up", boot=boot)
+    # systemd-cryptsetup ran in the unit itself, its entries carrying luksvm's fields
+    journal.first(
+        r"Failed to activate", boot=boot, LUKSVM_VOLUME="cr_web", LUKSVM_KEY_SOURCE="keyfile"
+    )
     journal.job(guest_unit("web"), boot=boot, result="dependency")
     assert check.text("ask-files-at-boot") == ""
     assert check.text("running-at-boot").split() == ["mail", "spare"]

@@ -199,6 +199,47 @@ def test_systemd_analyze_verify_prints_nothing_for_every_unit(
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
+def test_keyfile_volumes_run_systemd_cryptsetup_from_their_units(tmp_path: Path) -> None:
+    """Where systemd-cryptsetup is installed, a keyfile volume's unit runs it itself (no Python at
+    boot) with the options luksvm would pass it; apply checks the keyfile instead, and leaves a
+    volume whose keyfile fails the check to `luksvm unlock` (which refuses it at boot)."""
+    root = host_root(tmp_path, packaged=True)
+    binary = root / "usr/lib/systemd/systemd-cryptsetup"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    (root / "etc/luksvm/keys").mkdir(parents=True)
+    (root / "etc/luksvm/keys/imap.key").write_bytes(b"k")
+    (root / "etc/luksvm/keys/imap.key").chmod(0o400)
+    (root / "etc/luksvm/keys/web.key").write_bytes(b"k")
+    (root / "etc/luksvm/keys/web.key").chmod(0o644)
+    applied = luksvm_apply(root)
+    assert applied.stderr.splitlines()[0] == (
+        f"luksvm: cr_web: keyfile {root}/etc/luksvm/keys/web.key has mode 0644: group or others "
+        "may access it: its unit runs `luksvm unlock`, which refuses the keyfile at boot; "
+        f"chmod 0400 {root}/etc/luksvm/keys/web.key, then luksvm apply"
+    )
+    imap = (root / UNIT_DIR / "luksvm-unlock@cr_imap_encr.service.d/50-luksvm.conf").read_text()
+    service = imap.split("[Service]\n", 1)[1].splitlines()
+    assert [line for line in service if not line.startswith("#")] == [
+        "ExecStart=",
+        "ExecStart=/usr/lib/systemd/systemd-cryptsetup attach cr_imap_encr "
+        "/dev/volgrp4/lvimap_hd0 /etc/luksvm/keys/imap.key luks,discard,headless=true,tries=1",
+        "LogExtraFields=LUKSVM_VOLUME=cr_imap_encr",
+        "LogExtraFields=LUKSVM_KEY_SOURCE=keyfile",
+    ]
+    web = (root / UNIT_DIR / "luksvm-unlock@cr_web.service.d/50-luksvm.conf").read_text()
+    assert "ExecStart" not in web
+    # passphrase, keyring: and noauto passphrase volumes keep luksvm unlock too
+    for name in ("cr_scratch", "cr_files", "cr\\x2dweb\\x2ddata"):
+        dropin = root / UNIT_DIR / f"luksvm-unlock@{name}.service.d/50-luksvm.conf"
+        assert "ExecStart" not in dropin.read_text(), name
+    proc = verify(root, units_to_verify(root))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    # the lock stays luksvm's: guest VGs off, then close
+    template = (root / SYSTEM_UNITS.lstrip("/") / units.UNLOCK_TEMPLATE).read_text()
+    assert "ExecStop=/usr/bin/luksvm lock --from-unit -- %I" in template
+
+
 def test_verify_would_catch_a_bad_directive(tmp_path: Path) -> None:
     root = host_root(tmp_path, packaged=False)
     luksvm_apply(root)

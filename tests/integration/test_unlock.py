@@ -126,6 +126,33 @@ def test_keyfile_volume_runs_systemd_cryptsetup_headless_with_one_try(
     ]
 
 
+# What only lock (LVM reports, udev settle) or header backups (OpenSSL's hashes) need: the boot
+# path (an unlock unit's `unlock --no-start`) does not load it. Speed is bench/boot.py's to show.
+NOT_ON_THE_UNLOCK_PATH = ("luksvm.lvm", "luksvm.blockdev", "hashlib", "concurrent.futures")
+
+
+def test_unlock_from_its_unit_loads_only_what_unlock_uses(tmp_path: Path, mapping: str) -> None:
+    image = make_luks(tmp_path / "disk.img", KEY)
+    root = write_config(
+        tmp_path / "root", {"10.conf": f"{mapping} {image} /etc/luksvm/keys/a.key luks\n"}
+    )
+    (root / "etc/luksvm/keys").mkdir(parents=True)
+    keyfile(root / "etc/luksvm/keys/a.key", KEY)
+    command = ["unlock", "--no-start", "--dry-run", mapping]
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "luksvm", "--root", str(root), *command],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert mapping in proc.stdout  # the plan: the command ran its whole unlock path
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert {"luksvm.unlock", "luksvm.keys", "luksvm.cryptsetup"} <= imported
+    assert sorted(imported & set(NOT_ON_THE_UNLOCK_PATH)) == []
+
+
 def test_translated_cryptsetup_flags_are_ones_cryptsetup_accepts(tmp_path: Path) -> None:
     image = make_luks(tmp_path / "disk.img", b"pad" + KEY + b"tail")
     key = keyfile(tmp_path / "k", b"pad" + KEY + b"tail")

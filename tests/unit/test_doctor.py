@@ -574,6 +574,39 @@ def test_units_never_applied_then_in_sync_then_out_of_sync(
     assert by(findings, "cr_a").status == OK
 
 
+def test_a_keyfile_made_unsafe_after_apply_fails_keys_and_puts_the_unit_out_of_sync(
+    tmp_path: Path, commands: Commands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit runs systemd-cryptsetup itself: nothing checks the keyfile at boot, doctor does."""
+    from luksvm import apply, config
+
+    root = seed(tmp_path, "cr_a /dev/a /etc/luksvm/keys/a.key luks,x-luksvm.guest=mail\n")
+    binary = root / "lib/systemd/systemd-cryptsetup"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    (root / "etc/luksvm/keys").mkdir()
+    key = root / "etc/luksvm/keys/a.key"
+    key.write_bytes(b"k")
+    key.chmod(0o400)
+    apply.execute(apply.plan(config.load(str(root)), luksvm_path=apply.luksvm_path()))
+    dropin = root / "etc/systemd/system/luksvm-unlock@cr_a.service.d/50-luksvm.conf"
+    assert "ExecStart=/lib/systemd/systemd-cryptsetup attach cr_a " in dropin.read_text()
+    commands.unit_files(str(root), TARGET_ENABLED)
+    monkeypatch.setattr(blockdev, "backing_of_file", lambda *a: blockdev.Backing(True, False, "x"))
+    assert by(run_check(Host(str(root)), "units"), "cr_a").status == OK
+
+    key.chmod(0o644)
+    finding = by(run_check(Host(str(root)), "keys"), "cr_a")
+    assert finding.status == FAIL
+    assert finding.message == (
+        f"keyfile {key} has mode 0644: group or others may access it; its unit runs "
+        "systemd-cryptsetup, which uses the keyfile as it is"
+    )
+    assert finding.fix == f"chmod 0400 {key}"
+    units = by(run_check(Host(str(root)), "units"), "cr_a")
+    assert units.status == WARN and "apply would write" in units.message
+
+
 @pytest.mark.parametrize(
     ("state", "status"),
     [

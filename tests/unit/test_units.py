@@ -228,3 +228,36 @@ def test_unlock_units_lock_before_lvm_blkdeactivate_runs_at_shutdown() -> None:
     text = apply.shipped_templates()[units.UNLOCK_TEMPLATE]
     after = [w for line in text.splitlines() if line.startswith("After=") for w in line[6:].split()]
     assert "blk-availability.service" in after
+
+
+def test_a_direct_unit_escapes_its_attach_words_as_systemd_reads_them(tmp_path: Path) -> None:
+    root = write_config(tmp_path, {"10.conf": "cr_a /dev/vg/a /etc/k%1/a.key luks\n"})
+    cfg = config.load(str(root))
+    argv = ("/usr/lib/systemd/systemd-cryptsetup", "attach", "cr_a", "/dev/vg/a")
+    argv += ("/etc/k%1/a.key", "luks,headless=true,tries=1")
+    files = units.render(
+        cfg, luksvm_path="/usr/bin/luksvm", template_dir="/x", attach={"cr_a": argv}
+    ).files
+    text = files["luksvm-unlock@cr_a.service.d/50-luksvm.conf"]
+    assert (
+        "ExecStart=\nExecStart=/usr/lib/systemd/systemd-cryptsetup attach cr_a /dev/vg/a "
+        "/etc/k%%1/a.key luks,headless=true,tries=1\n"
+    ) in text
+    assert "LogExtraFields=LUKSVM_VOLUME=cr_a\nLogExtraFields=LUKSVM_KEY_SOURCE=keyfile\n" in text
+    assert "Before=libvirtd.service virtqemud.service" in text  # still ahead of libvirt
+
+
+@pytest.mark.parametrize(
+    ("line", "direct"),
+    [
+        ("cr_a /dev/vg/a /etc/k luks,discard,x-luksvm.guest=g", True),
+        ("cr_a /dev/vg/a /etc/k luks,noauto,nofail,_netdev", True),
+        ("cr_a /dev/vg/a - luks", False),  # a prompt: luksvm's (ask-password, keyring cache)
+        ("cr_a /dev/vg/a keyring:s/u luks", False),  # python keyring
+        ("cr_a /dev/vg/a /etc/k luks,tpm2-device=auto", False),  # one attempt per source
+        ("cr_a /dev/vg/a /etc/k luks,keyfile-timeout=10s", False),  # generator-only
+    ],
+)
+def test_which_volumes_attach_directly(tmp_path: Path, line: str, direct: bool) -> None:
+    root = write_config(tmp_path, {"10.conf": line + "\n"})
+    assert apply.attaches_directly(config.load(str(root)).volumes[0]) is direct

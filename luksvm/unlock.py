@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from luksvm import cryptsetup, devmapper, journal, keys, tokens
+from luksvm import cryptsetup, devmapper, journal, keys
 from luksvm.config import GENERATOR_OPTIONS, TOKEN_OPTION_PREFIXES, Config, Settings, Volume
 from luksvm.devmapper import DmDevice
 from luksvm.durations import USEC_PER_SEC
@@ -719,6 +719,8 @@ def _execute_attempts(plan: Plan, volume: Volume, config: Config) -> None:
 
 def _tang_key(volume: Volume, timeout: float) -> bytes:
     """The key a Tang server releases for one of the volume's clevis keyslots (clevis luks pass)."""
+    from luksvm import tokens  # only Tang volumes need it (and its hashlib/urllib imports)
+
     inventory = tokens.read_inventory(volume.device)
     slots = [s for t in inventory.tokens if t.kind in ("tang", "sss") for s in t.keyslots]
     if not slots:

@@ -32,8 +32,7 @@ state() {
     } > "state-$1"
 }
 
-step pip-uninstall pip uninstall -y -q --break-system-packages --root-user-action=ignore \
-    --disable-pip-version-check luksvm
+step pip-uninstall pip uninstall -y -q --break-system-packages --disable-pip-version-check luksvm
 state before
 
 step install apt_get install "$old"

@@ -17,6 +17,7 @@ apt_get() {
 # restart), the volume, the guest and the package, into state-LABEL (tab-separated).
 state() {
     local unit enabled
+    hash -r  # `command -v` below looks again, not in bash's table
     {
         for unit in $units; do
             enabled=$(systemctl is-enabled "$unit" 2>/dev/null || true)

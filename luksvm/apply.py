@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from luksvm import units
+from luksvm import files, units
 from luksvm.config import Config
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.run import run
@@ -65,8 +65,9 @@ def luksvm_path() -> str:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return os.path.abspath(candidate)
     raise LuksvmError(
-        "cannot find the luksvm executable the units should run; install luksvm "
-        "(pip install . or the package) so that `luksvm` is on PATH, and run apply through it"
+        "cannot find the luksvm executable the units should run",
+        fix="install luksvm (pip install . or the package) so that `luksvm` is on PATH, and run "
+        "apply through it",
     )
 
 
@@ -77,7 +78,7 @@ def shipped_templates() -> dict[str, str]:
     for directory in (here / "unitfiles", here.parent / "units"):
         if all((directory / name).is_file() for name in units.TEMPLATES):
             return {name: (directory / name).read_text() for name in units.TEMPLATES}
-    raise LuksvmError(f"luksvm's template units are missing next to {here}; reinstall luksvm")
+    raise LuksvmError(f"luksvm's template units are missing next to {here}", fix="reinstall luksvm")
 
 
 def packaged_template_dir(root: str) -> str | None:
@@ -101,8 +102,8 @@ def _read_manifest(root: str) -> tuple[set[str], dict[str, str]]:
         return set(), {}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise LuksvmError(
-            f"{path}: unreadable ({error}); luksvm records there what apply wrote. Remove it "
-            "and run apply again (files it listed are then left in place)"
+            f"{path}: unreadable ({error}); luksvm records there what apply wrote",
+            fix="remove it and run apply again (files it listed are then left in place)",
         ) from None
 
 
@@ -164,8 +165,8 @@ def plan(config: Config, *, luksvm_path: str) -> Plan:
     if conflicts:
         raise LuksvmError(
             "refusing to replace what luksvm did not write (nothing changed):\n"
-            + "\n".join(conflicts)
-            + "\nmove these aside if luksvm should manage them, then run apply again"
+            + "\n".join(conflicts),
+            fix="move these aside if luksvm should manage them, then run apply again",
         )
 
     for path in sorted(old_files - wanted_files.keys()):
@@ -207,48 +208,62 @@ def _temporary(full: str) -> str:
 
 
 def _stage(full: str, text: str, is_link: bool, made: set[str]) -> str:
+    """Write `text` (or a symlink to it) under the hidden name, flushed to disk. `made` collects
+    the directories whose entries must be flushed once everything is in place."""
     directory = os.path.dirname(full)
     if directory not in made:
+        missing = directory
+        while missing and not os.path.isdir(missing):  # new folders' names live in their parents
+            made.add(os.path.dirname(missing))
+            missing = os.path.dirname(missing)
         os.makedirs(directory, exist_ok=True)
         made.add(directory)
     temporary = _temporary(full)
     if os.path.lexists(temporary):
         os.unlink(temporary)
     if is_link:
-        os.symlink(text, temporary)
+        os.symlink(text, temporary)  # a symlink is durable with its directory's entries
     else:
-        with open(temporary, "w", encoding="utf-8") as f:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(temporary, 0o644)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
     return temporary
 
 
-def _remove(root: str, full: str) -> None:
+def _remove(root: str, full: str) -> list[str]:
+    """Remove `full`; the directories whose entries changed."""
     os.unlink(full)
     # Drop the .d / .wants directory when that emptied it; never the unit directory itself.
     directory = os.path.dirname(full)
     if directory != os.path.join(root, UNIT_DIR) and not os.listdir(directory):
         os.rmdir(directory)
+        return [os.path.dirname(directory)]
+    return [directory]
 
 
 def execute(plan: Plan) -> None:
-    """Make the plan true. Every new file is staged under a hidden name, flushed to disk with one
-    sync (not one fsync per file: 500 of those take a second), then renamed into place, so a
-    crash leaves each file old or new, never empty; then removals, then reload."""
+    """Make the plan true. Every new file is staged under a hidden name and fsync'd, then renamed
+    into place, so a crash leaves each file old or new, never empty; then removals; then each
+    directory whose entries changed is fsync'd once (what apply wrote, and nothing else: no
+    machine-wide sync that waits for every other writer's dirty pages); then reload."""
     writes = [c for c in plan.changes if c.verb != "remove"]
     staged = [(os.path.join(plan.root, c.path), c.new or "", c.is_link) for c in writes]
     if plan.manifest_changed:
         staged.append((os.path.join(plan.root, MANIFEST), plan.manifest, False))
     try:
-        made: set[str] = set()
-        renames = [(_stage(full, text, is_link, made), full) for full, text, is_link in staged]
-        if renames:
-            os.sync()
+        touched: set[str] = set()
+        renames = [(_stage(full, text, is_link, touched), full) for full, text, is_link in staged]
         for temporary, full in renames:
             os.replace(temporary, full)
         for change in plan.changes:
             if change.verb == "remove":
-                _remove(plan.root, os.path.join(plan.root, change.path))
+                touched.update(_remove(plan.root, os.path.join(plan.root, change.path)))
+        for directory in sorted(touched, key=len, reverse=True):  # deepest first
+            if os.path.isdir(directory):
+                files.fsync(directory)
     except OSError as error:
         raise LuksvmError(f"apply: {error.filename}: {error.strerror}") from None
     if plan.reload:

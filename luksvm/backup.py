@@ -12,6 +12,14 @@ week, and would take bit rot in a keyslot's key material for a change and back i
 stays right for LUKS1, whose backup is not a byte copy of the device (cryptsetup zeroes the gap
 after the LUKS1 header and pads to a page). A backup without its .json costs one extra backup on
 the next run. The file hash lets a restore refuse a backup that rotted.
+
+The record also holds the backup file's stamp (size, mtime, ctime, inode) as of its last full
+hash, and when that was. doctor (every 15 minutes) and an unchanged header-backup rerun hash the
+16 MiB file again only when the stamp differs — any write through the filesystem moves ctime, also
+when mtime is set back — or when the last full hash is older than [backup] max_age (doctor) or
+REHASH_AFTER (header-backup, which then records the new stamp). What the stamp cannot see is a
+change beneath the filesystem (media bit rot, a write to the raw disk, an offline edit): that is
+found by the next full hash, within a week of weekly header-backup runs. A restore always hashes.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from luksvm import blockdev, cryptsetup, files, journal
@@ -176,23 +184,88 @@ def sha256_of(path: str, size: int | None = None) -> str:
 
 
 @dataclass(frozen=True)
+class FileStamp:
+    """What the filesystem says of a backup file. A write through the filesystem changes size or
+    mtime, and always ctime, which no unprivileged call can set back (`touch -d` restores mtime
+    and moves ctime); a replaced file has another inode."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: str) -> FileStamp:
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
 class Record:
     """What <backup>.json holds."""
 
     file_sha256: str
     metadata_bytes: int
     metadata_sha256: str
+    # the file as it was when file_sha256 was last computed, and when that was; None in records
+    # written before luksvm kept them (the file is then hashed, and header-backup adds them)
+    stamp: FileStamp | None = None
+    hashed: datetime | None = None
 
 
 def read_record(backup: Backup) -> Record | None:
     try:
         with open(backup.record_path, encoding="utf-8") as f:
             data = json.load(f)
-        return Record(
+        record = Record(
             str(data["file_sha256"]), int(data["metadata_bytes"]), str(data["metadata_sha256"])
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:  # a stamp that does not read only costs a full hash
+        stamp = FileStamp(**{k: int(v) for k, v in data["file_stamp"].items()})
+        hashed = datetime.fromisoformat(str(data["file_hashed"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return record
+    return dataclasses.replace(record, stamp=stamp, hashed=hashed)
+
+
+def write_record(backup: Backup, fields: dict[str, object], record: Record) -> None:
+    """<backup>.json: `fields` (volume, device, uuid, …) and the record's hashes and stamp."""
+    data = dict(fields)
+    data.update(
+        file_sha256=record.file_sha256,
+        metadata_bytes=record.metadata_bytes,
+        metadata_sha256=record.metadata_sha256,
+    )
+    if record.stamp is not None and record.hashed is not None:
+        data["file_stamp"] = dataclasses.asdict(record.stamp)
+        data["file_hashed"] = iso(record.hashed)
+    files.write_atomically(backup.record_path, json.dumps(data, indent=2) + "\n")
+
+
+# How often header-backup hashes the newest backup in full although its stamp is unchanged: what
+# the filesystem cannot see (bit rot, writes beneath it) is found within a week of weekly runs.
+REHASH_AFTER = timedelta(days=7)
+
+
+def file_intact(
+    backup: Backup, record: Record, *, now: datetime, rehash_after: timedelta
+) -> tuple[bool, Record | None]:
+    """Whether the backup file still hashes as recorded. Hashed in full only when the file's stamp
+    differs from the recorded one or the last full hash is older than `rehash_after`; otherwise
+    the stamp answers (see FileStamp for what that does and does not see). The second value is
+    the record to write back after a full hash that matched (None: nothing new to record)."""
+    stamp = FileStamp.of(backup.path)
+    if (
+        record.stamp == stamp
+        and record.hashed is not None
+        and timedelta(0) <= now - record.hashed < rehash_after
+    ):
+        return True, None
+    if sha256_of(backup.path) != record.file_sha256:
+        return False, None
+    return True, dataclasses.replace(record, stamp=stamp, hashed=now)
 
 
 def metadata_digest(device: str) -> tuple[int, str]:
@@ -312,7 +385,10 @@ def unchanged_since(backup: Backup, device: str) -> bool:
     record = read_record(backup)
     if record is None:
         return False
-    return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+    try:
+        return metadata_digest(device) == (record.metadata_bytes, record.metadata_sha256)
+    except OSError:
+        return False  # the caller's cryptsetup call says why the device cannot be read
 
 
 @dataclass(frozen=True)
@@ -322,9 +398,16 @@ class Verification:
     problem: str  # why not, "" when both hold
 
 
-def verify_backup(backup: Backup, device: str) -> Verification:
-    """Whether `backup` can restore `device` as it is now. With its .json record: the file's hash
-    and the device's metadata hash (no process); without: the headers compared (cryptsetup)."""
+def verify_backup(
+    backup: Backup,
+    device: str,
+    *,
+    now: datetime | None = None,
+    rehash_after: timedelta = REHASH_AFTER,
+) -> Verification:
+    """Whether `backup` can restore `device` as it is now. With its .json record: the file as
+    recorded (its stamp, or its hash: see file_intact) and the device's metadata hash (no
+    process); without: the headers compared (cryptsetup). Writes nothing."""
     record = read_record(backup)
     if record is None:
         try:
@@ -334,7 +417,10 @@ def verify_backup(backup: Backup, device: str) -> Verification:
         except LuksvmError as error:
             return Verification(False, False, str(error))
         return Verification(True, not differences, "; ".join(differences))
-    if sha256_of(backup.path) != record.file_sha256:
+    intact, _ = file_intact(
+        backup, record, now=now or datetime.now(timezone.utc), rehash_after=rehash_after
+    )
+    if not intact:
         return Verification(
             False, False, f"{backup.path} no longer hashes as recorded in {backup.record_path}"
         )
@@ -358,8 +444,14 @@ def backup_volume(
 ) -> Outcome:
     """Back up one volume's header into `directory` unless it is unchanged, then rotate/prune."""
     device = volume.device
-    if not cryptsetup.is_luks(device):
-        newest = next((b for b in list_backups(directory) if not b.raw), None)
+    backups = list_backups(directory)
+    newest = next((b for b in backups if not b.raw), None)
+    # The metadata digest answers "unchanged" with one small read: that header was verified as
+    # LUKS when it was backed up. Only a changed (or unrecorded) header is asked of cryptsetup.
+    changed = newest is None or not unchanged_since(newest, device)
+    if newest is not None and not changed and not dry_run:
+        changed = not _still_intact(volume, newest, now())
+    if changed and not cryptsetup.is_luks(device):
         hint = (
             f"; restore the newest backup with: luksvm header-restore {volume.name} --from "
             f"{newest.path}"
@@ -369,9 +461,6 @@ def backup_volume(
         raise LuksvmError(
             f"{volume.name}: {device} does not read as LUKS (cryptsetup isLuks){hint}"
         )
-    backups = list_backups(directory)
-    newest = next((b for b in backups if not b.raw), None)
-    changed = newest is None or not unchanged_since(newest, device)
     doomed = deletions(backups, keep=keep, adding=changed, prune_before=prune_before)
     removed = tuple(b.path for b in doomed)
     if dry_run:
@@ -394,6 +483,32 @@ def backup_volume(
     if doomed:
         files.fsync(directory)
     return _outcome(volume, newest, changed=changed, removed=removed)
+
+
+def _still_intact(volume: Volume, newest: Backup, moment: datetime) -> bool:
+    """The newest backup of an unchanged header still hashes as recorded (hashed in full when its
+    stamp changed or REHASH_AFTER passed; the refreshed stamp is recorded). A backup that does
+    not is left for the admin to look at, and a new one is taken."""
+    record = read_record(newest)
+    if record is None:
+        return False
+    intact, refreshed = file_intact(newest, record, now=moment, rehash_after=REHASH_AFTER)
+    if not intact:
+        log.warning(
+            "%s no longer hashes as recorded in %s: taking a new backup of %s",
+            newest.path,
+            newest.record_path,
+            volume.name,
+            extra=journal.fields(volume=volume.name),
+        )
+    elif refreshed is not None:
+        try:
+            with open(newest.record_path, encoding="utf-8") as f:
+                fields = json.load(f)
+        except (OSError, ValueError):
+            fields = {}
+        write_record(newest, fields if isinstance(fields, dict) else {}, refreshed)
+    return intact
 
 
 def _outcome(
@@ -448,23 +563,15 @@ def _write_backup(volume: Volume, directory: str, moment: datetime) -> Backup:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     backup = Backup(final, moment, live.uuid, False)
-    files.write_atomically(
-        backup.record_path,
-        json.dumps(
-            {
-                "volume": volume.name,
-                "device": device,
-                "uuid": live.uuid,
-                "luks_version": live.version,
-                "created": iso(moment),
-                "file_sha256": file_sha256,
-                "metadata_bytes": before[0],
-                "metadata_sha256": before[1],
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    fields: dict[str, object] = {
+        "volume": volume.name,
+        "device": device,
+        "uuid": live.uuid,
+        "luks_version": live.version,
+        "created": iso(moment),
+    }
+    written = FileStamp.of(final)  # after the link and the unlink, which changed its ctime
+    write_record(backup, fields, Record(file_sha256, before[0], before[1], written, moment))
     files.fsync(directory)
     log.info(
         "backed up the LUKS%d header of %s (%s) to %s",

@@ -7,11 +7,14 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import Any, Callable, NoReturn
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from luksvm import __version__, journal
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError, UsageError
+
+if TYPE_CHECKING:
+    from luksvm import guests
 
 log = logging.getLogger("luksvm")
 
@@ -206,11 +209,24 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(guests.plan(cfg, "start", names, through_units=through_units)))
         return EXIT_OK
-    if through_units:
-        guests.start_through_units(cfg, names)
-    else:
-        guests.start_directly(cfg, names)
+    steps = guests.start_through_units if through_units else guests.start_directly
+    for step in steps(cfg, names):
+        print(_progress_line(step), flush=True)
     return EXIT_OK
+
+
+def _progress_line(step: guests.Progress | guests.Stopped) -> str:
+    """How `luksvm start|stop` tells a step (before a command runs, or once a guest is done)."""
+    from luksvm import guests
+
+    if isinstance(step, guests.Stopped):
+        if step.how == "not-running":
+            return f"{step.guest}: not running"
+        return f"{step.guest}: {step.how} after {step.seconds:.1f} s"
+    if step.argv:
+        command = shlex.join(step.argv)
+        return f"{step.guest}: {command}" if step.guest else command
+    return f"{step.guest}: {step.action}"
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -223,15 +239,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print("\n".join(guests.plan(cfg, "stop", names, through_units=through_units)))
         return EXIT_OK
     if through_units:
-        stopped = guests.stop_through_units(cfg, names)
+        steps: Iterable[guests.Progress | guests.Stopped] = guests.stop_through_units(cfg, names)
     else:
-        stopped = guests.stop_guests(cfg, names, guests.connector(cfg))
-    for done in stopped:
-        print(
-            f"{done.guest}: not running"
-            if done.how == "not-running"
-            else f"{done.guest}: {done.how} after {done.seconds:.1f} s"
-        )
+        steps = guests.stop_guests(cfg, names, guests.connector(cfg))
+    for step in steps:
+        print(_progress_line(step), flush=True)
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ LUKS2 in bytes: LuksHeader.data_offset is always bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -73,7 +74,20 @@ def is_luks(device: str) -> bool:
 
 
 def read_header(device: str) -> LuksHeader:
-    """The header of the LUKS device (or header backup file) at `device`."""
+    """The header of the LUKS device (or header backup file) at `device`: one cryptsetup process.
+    LUKS2: `luksDump --dump-json-metadata` (what cryptsetup validated), with the UUID and label
+    from the binary header whose checksum matches; LUKS1, no LUKS, or a LUKS2 primary header
+    that does not check out: the text dump (and the JSON for LUKS2 as well)."""
+    identity = _luks2_identity(device)
+    if identity is not None:
+        result = run(
+            ["cryptsetup", "luksDump", "--dump-json-metadata", device],
+            timeout=TIMEOUT,
+            check=False,
+        )
+        if result.returncode == 0:
+            uuid, label = identity
+            return luks2_header(device, uuid, label, json.loads(result.stdout))
     dump = run(["cryptsetup", "luksDump", device], timeout=TIMEOUT, check=False)
     if dump.returncode != 0:  # one process fewer than isLuks first: doctor reads many headers
         why = dump.stderr.strip().splitlines()[-1] if dump.stderr.strip() else "no LUKS header"
@@ -82,10 +96,8 @@ def read_header(device: str) -> LuksHeader:
     version = _field(text, "Version")
     if version == "1":
         return parse_luks1_dump(device, text)
-    metadata = run(
-        ["cryptsetup", "luksDump", "--dump-json-metadata", device], timeout=TIMEOUT
-    ).stdout
-    return parse_luks2(device, text, json.loads(metadata))
+    dumped = run(["cryptsetup", "luksDump", "--dump-json-metadata", device], timeout=TIMEOUT)
+    return parse_luks2(device, text, json.loads(dumped.stdout))
 
 
 def _field(text: str, name: str) -> str:
@@ -113,18 +125,56 @@ def parse_luks1_dump(device: str, text: str) -> LuksHeader:
     )
 
 
+LUKS2_BINARY_HEADER = 4096  # the binary header before each JSON area (LUKS2_HDR_BIN_LEN)
+
+
+def _luks2_identity(device: str) -> tuple[str, str] | None:
+    """(UUID, label) from the primary LUKS2 binary header of `device` when it is one and its
+    checksum (over the binary header with the checksum zeroed, then the JSON area) matches, as
+    cryptsetup checks it; None otherwise (LUKS1, not LUKS, unreadable, damaged)."""
+    try:
+        with open(device, "rb") as f:
+            first = f.read(METADATA_PROBE)
+            size = metadata_size(first)
+            if size == 0 or int.from_bytes(first[6:8], "big") != 2:
+                return None
+            area = first + f.read(size // 2 - len(first))
+    except OSError:
+        return None
+    algorithm = area[72:104].split(b"\0")[0].decode("ascii", "replace")
+    try:
+        digest = hashlib.new(algorithm)
+    except ValueError:
+        return None
+    digest.update(area[:448] + bytes(64) + area[512:])
+    if area[448 : 448 + digest.digest_size] != digest.digest():
+        return None
+
+    def text(start: int, length: int) -> str:
+        return area[start : start + length].split(b"\0")[0].decode("utf-8", "replace")
+
+    return text(168, 40), text(24, 48)
+
+
 def parse_luks2(device: str, text: str, metadata: dict[str, object]) -> LuksHeader:
+    label = _field(text, "Label")
+    return luks2_header(
+        device, _field(text, "UUID"), "" if label == "(no label)" else label, metadata
+    )
+
+
+def luks2_header(device: str, uuid: str, label: str, metadata: dict[str, object]) -> LuksHeader:
+    """A LUKS2 header from its JSON metadata and the binary header's UUID and label."""
     segments: dict[str, dict[str, object]] = metadata["segments"]  # type: ignore[assignment]
     keyslots: dict[str, dict[str, object]] = metadata["keyslots"]  # type: ignore[assignment]
     tokens: dict[str, dict[str, object]] = metadata.get("tokens", {})  # type: ignore[assignment]
     config: dict[str, object] = metadata.get("config", {})  # type: ignore[assignment]
     segment = segments[min(segments, key=int)]
-    label = _field(text, "Label")
     return LuksHeader(
         device=device,
         version=2,
-        uuid=_field(text, "UUID"),
-        label="" if label == "(no label)" else label,
+        uuid=uuid,
+        label=label,
         cipher=str(segment["encryption"]),
         data_offset=int(str(segment["offset"])),
         sector_size=int(str(segment.get("sector_size", 512))),

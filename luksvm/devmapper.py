@@ -86,24 +86,39 @@ def by_name(found: Iterable[DmDevice]) -> dict[str, DmDevice]:
 # --- who holds a device open besides the devices stacked on it -------------------------------
 
 
-def users(kernels: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """For each block device (dm-7, …): its mounts and the processes with it open, described for
-    people: 'mounted at /srv', 'QEMU of guest "mail" (pid 812)'. Scans /proc: call it only when a
-    device is held by something that is not a stacked device."""
+@dataclass(frozen=True)
+class Opener:
+    """Something that holds a block device open besides a stacked device: a mount or a process.
+    `guest` is set for a guest's QEMU, `mount_point` for a mount; str() describes it for people:
+    'mounted at /srv', 'QEMU of guest "mail" (pid 812)', 'dd (pid 9)'."""
+
+    description: str
+    guest: str = ""
+    mount_point: str = ""
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def users(kernels: Iterable[str]) -> dict[str, tuple[Opener, ...]]:
+    """For each block device (dm-7, …): its mounts and the processes with it open. Scans /proc:
+    call it only when a device is held by something that is not a stacked device."""
     numbers = {}
     for kernel in kernels:
         number = _device_number(kernel)
         if number is not None:
             numbers[number] = kernel
-    found: dict[str, list[str]] = {kernel: [] for kernel in numbers.values()}
+    found: dict[str, list[Opener]] = {kernel: [] for kernel in numbers.values()}
     for number, mount_point in _mounts():
         if number in numbers:
-            found[numbers[number]].append(f"mounted at {mount_point}")
+            found[numbers[number]].append(
+                Opener(f"mounted at {mount_point}", mount_point=mount_point)
+            )
     for pid, number in _open_block_devices(set(numbers)):
-        description = describe_process(pid)
-        if description not in found[numbers[number]]:
-            found[numbers[number]].append(description)
-    return {kernel: tuple(descriptions) for kernel, descriptions in found.items()}
+        opener = describe_process(pid)
+        if opener not in found[numbers[number]]:
+            found[numbers[number]].append(opener)
+    return {kernel: tuple(openers) for kernel, openers in found.items()}
 
 
 def _device_number(kernel: str) -> int | None:
@@ -149,7 +164,7 @@ def _open_block_devices(numbers: set[int]) -> Iterable[tuple[int, int]]:
                 break
 
 
-def describe_process(pid: int) -> str:
+def describe_process(pid: int) -> Opener:
     """'QEMU of guest "mail" (pid 812)' for a guest's QEMU, 'dd (pid 9)' for anything else."""
     try:
         with open(os.path.join(PROC, str(pid), "cmdline"), "rb") as f:
@@ -158,9 +173,9 @@ def describe_process(pid: int) -> str:
         argv = []
     guest = qemu_guest_name(argv)
     if guest:
-        return f'QEMU of guest "{guest}" (pid {pid})'
+        return Opener(f'QEMU of guest "{guest}" (pid {pid})', guest=guest)
     command = os.path.basename(argv[0]) if argv else "a process"
-    return f"{command} (pid {pid})"
+    return Opener(f"{command} (pid {pid})")
 
 
 def qemu_guest_name(argv: list[str]) -> str:

@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar
+from datetime import timedelta
+from typing import Any, Callable, Final, Literal, TypeVar
 
 from luksvm import (
     apply,
@@ -37,10 +38,15 @@ from luksvm.cryptsetup import LuksHeader
 from luksvm.durations import format_timespan
 from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_WARN, LuksvmError, UsageError
 
-OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
-EXIT_CODES = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
+Status = Literal["OK", "WARN", "FAIL", "SKIP"]
+OK: Final = "OK"
+WARN: Final = "WARN"
+FAIL: Final = "FAIL"
+SKIP: Final = "SKIP"
+STATUSES: tuple[Status, ...] = (SKIP, OK, WARN, FAIL)  # from best to worst
+EXIT_CODES: dict[Status, int] = {OK: EXIT_OK, SKIP: EXIT_OK, WARN: EXIT_WARN, FAIL: EXIT_FAIL}
 # Prometheus gauge values: alert on > 0; a skipped check is -1, so it never passes for healthy.
-GAUGE_VALUES = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
+GAUGE_VALUES: dict[Status, int] = {OK: 0, WARN: 1, FAIL: 2, SKIP: -1}
 HOST = "host"  # the subject of findings about the host as a whole
 
 T = TypeVar("T")
@@ -49,7 +55,7 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Finding:
-    status: str  # OK | WARN | FAIL | SKIP
+    status: Status
     subject: str  # the volume, guest, file or "host" it speaks of
     message: str  # what was found and why it matters
     fix: str = ""  # a command or config line to paste
@@ -359,9 +365,8 @@ def exit_code(findings: Iterable[Finding]) -> int:
     return max((EXIT_CODES[f.status] for f in findings), default=EXIT_OK)
 
 
-def worst(findings: Iterable[Finding]) -> str:
-    order = (SKIP, OK, WARN, FAIL)
-    return max((f.status for f in findings), key=order.index, default=SKIP)
+def worst(findings: Iterable[Finding]) -> Status:
+    return max((f.status for f in findings), key=STATUSES.index, default=SKIP)
 
 
 def as_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
@@ -431,7 +436,7 @@ def _names(names: Sequence[str], shown: int = 6) -> str:
 
 def prometheus_text(findings: Sequence[Finding], *, duration: float, now: float) -> str:
     """node_exporter textfile format: one gauge sample per check and subject (its worst status)."""
-    worst_by: dict[tuple[str, str], str] = {}
+    worst_by: dict[tuple[str, str], Status] = {}
     for f in findings:
         key = (f.check, f.subject)
         worst_by[key] = worst([f, Finding(worst_by[key], "", "")]) if key in worst_by else f.status
@@ -677,7 +682,11 @@ def header_backup(host: Host) -> Iterator[Finding]:
                 "volume's data",
                 fix=f"{fix}; systemctl enable --now luksvm-header-backup.timer",
             )
-        verdict = backup.verify_backup(newest, volume.device)
+        # the file is hashed in full when its stamp changed or its last hash is older than
+        # max_age; otherwise its recorded stamp answers (16 MiB a volume every 15 minutes saved)
+        verdict = backup.verify_backup(
+            newest, volume.device, rehash_after=timedelta(microseconds=settings.backup_max_age)
+        )
         name = os.path.basename(newest.path)
         if not verdict.intact:
             return Finding.fail(
@@ -735,8 +744,7 @@ def units_applied(host: Host) -> Iterator[Finding]:
     try:
         plan = apply.plan(cfg, luksvm_path=apply.luksvm_path())
     except LuksvmError as error:
-        first, *rest = str(error).splitlines()
-        yield Finding.fail(HOST, " ".join([first, *rest[:-1]]), fix=rest[-1] if rest else "")
+        yield Finding.fail(HOST, " ".join(error.message.splitlines()), fix=error.fix)
         return
     if plan.changes and plan.unchanged == 0 and all(c.old is None for c in plan.changes):
         yield Finding.fail(
@@ -767,14 +775,14 @@ def units_applied(host: Host) -> Iterator[Finding]:
             fix=f"rm {shlex.quote(os.path.join(plan.root, path))}",
         )
     state = host.unit_files().get(units.TARGET, "not installed")
-    if state != "enabled":
+    if state not in systemctl.ENABLED_STATES:
         yield Finding.fail(
             units.TARGET,
             f"{units.TARGET} is {state}: nothing unlocks the volumes or starts the guests at boot",
             fix=f"systemctl enable {units.TARGET}",
         )
     else:
-        yield Finding.ok(units.TARGET, "enabled")
+        yield Finding.ok(units.TARGET, state)
     if host.systemd_running:
         for row in systemctl.list_units(["luksvm*"], state="failed"):
             unit = row.get("unit", "")
@@ -797,9 +805,8 @@ def libvirt_daemons_in_use(host: Host) -> list[str]:
 
     def used(unit: str) -> bool:
         state = states.get(unit, {})
-        return state.get("ActiveState") in ("active", "activating", "reloading") or state.get(
-            "UnitFileState"
-        ) in ("enabled", "enabled-runtime", "static", "indirect", "alias")
+        active = state.get("ActiveState") in ("active", "activating", "reloading")
+        return active or state.get("UnitFileState") in systemctl.ENABLED_STATES
 
     return [d for d in units.LIBVIRT_DAEMONS if used(d) or used(LIBVIRT_SOCKETS[d])]
 
@@ -964,7 +971,7 @@ def _libvirt_guests(host: Host) -> Finding:
     """libvirt-guests saves running guests' RAM at shutdown (ON_SHUTDOWN=suspend, its default).
     luksvm stops its guests first, but one it could not stop would be saved there."""
     state = host.unit_files().get("libvirt-guests.service", "not installed")
-    if state not in ("enabled", "enabled-runtime", "static", "indirect", "alias"):
+    if state not in systemctl.ENABLED_STATES:
         return Finding.ok("libvirt-guests", f"libvirt-guests.service is {state}")
     path, settings = guests.libvirt_guests_settings(host.config)
     action = settings.get("ON_SHUTDOWN", "")
@@ -1123,14 +1130,18 @@ def guest_vg_leak(host: Host) -> Iterator[Finding]:
         seen = view.scanned or view.autoactivated
         return view, _guest_lvm_or_none(host, volume) if seen else None
 
+    devices_file = host.devices_file()
+    filter_fix = ""  # the same for every volume: built once, when a volume first needs it
     for volume, (view, guest_lvm) in zip(volumes, host.each(look, volumes)):
-        devices_file = host.devices_file()
-        fix = (
-            f"lvmdevices --deldev {volume.mapper_path}   (while it is unlocked; "
-            "`lvmdevices` lists the entries)"
-            if devices_file
-            else _filter_fix(host)
-        )
+        fix = ""
+        if view.scanned or view.autoactivated:
+            if devices_file:
+                fix = (
+                    f"lvmdevices --deldev {volume.mapper_path}   (while it is unlocked; "
+                    "`lvmdevices` lists the entries)"
+                )
+            else:
+                fix = filter_fix = filter_fix or _filter_fix(host)
         if not view.scanned and not view.autoactivated:
             yield Finding.ok(volume.name, f"hidden from the host's LVM: {view.why}")
         elif guest_lvm is None:
@@ -1177,9 +1188,6 @@ def _guest_lvm_or_none(host: Host, volume: Volume) -> tuple[list[str], list[str]
 
 
 LVMETAD_UNITS = ("lvm2-lvmetad.socket", "lvm2-lvmetad.service")
-PRESENT_STATES = frozenset(
-    {"enabled", "enabled-runtime", "static", "indirect", "generated", "alias"}
-)
 
 
 def _version_text(version: tuple[int, int, int]) -> str:
@@ -1217,7 +1225,7 @@ def _lvmetad_units(host: Host, version: str) -> Iterator[Finding]:
         "update), and event autoactivation does not work"
     )
     states = host.unit_files()
-    bad = [u for u in LVMETAD_UNITS if states.get(u) not in PRESENT_STATES]
+    bad = [u for u in LVMETAD_UNITS if states.get(u) not in systemctl.ENABLED_STATES]
     if bad:
         described = ", ".join(f"{u} is {states.get(u, 'not installed')}" for u in bad)
         yield Finding.fail(
@@ -1305,8 +1313,7 @@ def keys_check(host: Host) -> Iterator[Finding]:
             try:
                 keys.check_keyfile(volume.name, path)  # what unlock refuses, doctor reports
             except LuksvmError as error:
-                message, fix = _message_and_fix(volume, error)
-                yield Finding.fail(volume.name, message, fix=fix)
+                yield Finding.fail(volume.name, _without_name(volume, error), fix=error.fix)
                 continue
             yield _keyfile_at_rest(host, volume, path)
         elif volume.key.kind == "keyring":
@@ -1315,13 +1322,10 @@ def keys_check(host: Host) -> Iterator[Finding]:
             yield Finding.ok(volume.name, "passphrase asked at unlock (nothing stored on the host)")
 
 
-def _message_and_fix(volume: Volume, error: LuksvmError) -> tuple[str, str]:
-    """keys' messages read "NAME: what; fix: how" (or "…; how"): split them into the two."""
-    text = str(error).removeprefix(f"{volume.name}: ")
-    what, separator, how = text.partition("; fix: ")
-    if not separator:
-        what, separator, how = text.rpartition("; ")
-    return (what, how) if separator else (text, "")
+def _without_name(volume: Volume, error: LuksvmError) -> str:
+    """keys' messages start with the volume's name, which a finding shows as its subject."""
+    prefix = f"{volume.name}: "
+    return error.message[len(prefix) :] if error.message.startswith(prefix) else error.message
 
 
 def _keyring_key(host: Host, volume: Volume) -> Finding:
@@ -1340,8 +1344,7 @@ def _keyring_key(host: Host, volume: Volume) -> Finding:
     try:
         keys.keyring_secret(volume, settings)  # the bytes are dropped at once
     except LuksvmError as error:
-        message, fix = _message_and_fix(volume, error)
-        return Finding.fail(volume.name, message, fix=fix)
+        return Finding.fail(volume.name, _without_name(volume, error), fix=error.fix)
     return Finding.ok(volume.name, f"{volume.key} resolves through {settings.keyring_backend}")
 
 
@@ -1432,7 +1435,7 @@ def _fstrim_timer(host: Host) -> Iterator[Finding]:
     state = host.unit_files().get("fstrim.timer", "not installed")
     fix = "systemctl enable --now fstrim.timer"
     why = "the host's filesystems are not trimmed: SSDs slow down and thin pools do not shrink"
-    if state not in ("enabled", "enabled-runtime", "static", "indirect", "generated", "alias"):
+    if state not in systemctl.ENABLED_STATES:
         yield Finding.warn("fstrim.timer", f"fstrim.timer is {state}: {why}", fix=fix)
     elif host.systemd_running:
         active = host.unit_properties(["fstrim.timer"], ("ActiveState",))

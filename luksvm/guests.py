@@ -12,10 +12,10 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from luksvm import journal, units, virt
 from luksvm.config import Config, GuestPolicy
@@ -45,23 +45,6 @@ HOST_SHUTDOWN_NOTE = (
 
 
 # --- the unit contract: units.py renders TimeoutStopSec=/TimeoutStartSec= from the same numbers --
-
-
-def effective_policies(config: Config) -> list[dict[str, object]]:
-    """Each configured guest's effective stop and start settings, in start order (for status)."""
-    return [
-        {
-            "guest": guest.name,
-            "unit": unit_name(guest.name),
-            "order": guest.policy.order,
-            "start_delay": format_timespan(guest.policy.start_delay),
-            "stop_timeout": format_timespan(guest.policy.stop_timeout),
-            "stop_timeout_usec": guest.policy.stop_timeout,
-            "on_timeout": guest.policy.on_timeout,
-            "unit_stop_timeout": format_timespan(units.stop_timeout_usec(guest)),
-        }
-        for guest in config.guests
-    ]
 
 
 def unit_name(guest: str) -> str:
@@ -283,11 +266,24 @@ def wait_for_earlier_units(
 # --- stop ------------------------------------------------------------------------------------
 
 
+StopOutcome = Literal["not-running", "shutdown", "destroyed", "saved"]
+
+
 @dataclass(frozen=True)
 class Stopped:
     guest: str
-    how: str  # not-running | shutdown | destroyed | saved
+    how: StopOutcome
     seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A step of the admin's `luksvm start|stop`, told before it runs (argv) or after it is done;
+    cli.py prints it."""
+
+    guest: str  # "" for one command about several guests
+    action: Literal["already running", "started", "start", "restart", "stop"]
+    argv: tuple[str, ...] = ()
 
 
 def stop_guest(
@@ -377,7 +373,7 @@ def _on_timeout(
             f"STATUS=saving guest {name}",
         )
         domain.managed_save()
-        how = "saved"
+        how: StopOutcome = "saved"
     else:
         log.warning(
             "guest %s still running after %s; destroying it (on_timeout=destroy)",
@@ -444,25 +440,27 @@ def select(config: Config, names: Sequence[str], every: bool) -> list[str]:
     return [g.name for g in config.guests if g.name in names]
 
 
-def start_through_units(config: Config, names: Sequence[str]) -> None:
+def start_through_units(config: Config, names: Sequence[str]) -> Iterator[Progress]:
     """One `systemctl start` per guest, in order, on the admin's terminal (passphrase prompts
-    for its volumes appear there). An active unit whose guest was shut down is restarted: an
-    active unit does not mean a running guest (RemainAfterExit)."""
+    for its volumes appear there); each told before it runs. An active unit whose guest was shut
+    down is restarted: an active unit does not mean a running guest (RemainAfterExit). Nothing
+    runs unless the caller iterates."""
     from luksvm.run import run_interactive
 
     failed = []
     with virt.connect(config.settings.uri, readonly=True) as conn:
         for name in names:
             unit = unit_name(name)
-            verb = "start"
+            verb: Literal["start", "restart"] = "start"
             if unit_state(unit) == "active":
                 domain = conn.find(name)
                 if domain is not None and domain.is_running():
-                    print(f"{name}: already running")
+                    yield Progress(name, "already running")
                     continue
                 verb = "restart"
-            print(f"{name}: systemctl {verb} {shlex.quote(unit)}")
-            if run_interactive(["systemctl", verb, unit], check=False) != 0:
+            argv = ("systemctl", verb, unit)
+            yield Progress(name, verb, argv)
+            if run_interactive(list(argv), check=False) != 0:
                 failed.append(name)
     if failed:
         raise LuksvmError(
@@ -471,22 +469,24 @@ def start_through_units(config: Config, names: Sequence[str]) -> None:
         )
 
 
-def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:
-    """Active units: one `systemctl stop` for all (systemd runs the stop jobs in parallel).
-    Guests whose unit is not active but which run (started by hand): stopped directly, at the same
-    time."""
+def stop_through_units(config: Config, names: Sequence[str]) -> Iterator[Progress | Stopped]:
+    """Active units: one `systemctl stop` for all (systemd runs the stop jobs in parallel), told
+    before it runs. Guests whose unit is not active but which run (started by hand): stopped
+    directly, at the same time; each Stopped once all are done. Nothing runs unless the caller
+    iterates."""
     from luksvm.run import run
 
     active = [n for n in names if unit_state(unit_name(n)) == "active"]
     others = [n for n in names if n not in active]
     budget = max((units.stop_timeout_usec(config.guest(n)) for n in active), default=0)
     failures = []
+    argv = ("systemctl", "stop", *(unit_name(n) for n in active))
+    if active:
+        yield Progress("", "stop", argv)
     with ThreadPoolExecutor(max_workers=2) as pool:
         through_units = None
         if active:
-            argv = ["systemctl", "stop", *(unit_name(n) for n in active)]
-            print(shlex.join(argv))
-            through_units = pool.submit(run, argv, timeout=budget / USEC_PER_SEC + 60)
+            through_units = pool.submit(run, list(argv), timeout=budget / USEC_PER_SEC + 60)
         direct = pool.submit(stop_guests, config, others, connector(config))
         try:
             stopped = direct.result()
@@ -505,15 +505,16 @@ def stop_through_units(config: Config, names: Sequence[str]) -> list[Stopped]:
             )
     if failures:
         raise LuksvmError("\n".join(failures))
-    return stopped
+    yield from stopped
 
 
-def start_directly(config: Config, names: Sequence[str]) -> None:
-    """Without systemd: start in order, each after the previous one's start delay."""
+def start_directly(config: Config, names: Sequence[str]) -> Iterator[Progress]:
+    """Without systemd: start in order, each after the previous one's start delay; each guest
+    told once it runs. Nothing runs unless the caller iterates."""
     with virt.connect(config.settings.uri) as conn:
         for name in names:
             started = start_guest(config, name, conn, delay=name != names[-1])
-            print(f"{name}: {'started' if started else 'already running'}")
+            yield Progress(name, "started" if started else "already running")
 
 
 # --- coexistence with libvirt's own autostart (`luksvm apply [--take-over]`) -------------------

@@ -80,12 +80,14 @@ def run(
     check: bool = True,
     secret: bool = False,
     env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run argv (never a shell) and capture its output.
 
     stdin carries secrets; secret=True records that it did, so logs say so without the bytes.
     check=True raises CommandError on a non-zero exit. env adds variables for this one command
-    (e.g. LVM_SYSTEM_DIR); never secrets.
+    (e.g. LVM_SYSTEM_DIR); never secrets. pass_fds: descriptors the command inherits (a key's
+    memfd, opened by the command as /proc/self/fd/N: see keys.memfd_path).
     """
     argv = tuple(argv)
     recording = _recording.get()
@@ -101,6 +103,7 @@ def run(
             timeout=timeout,
             env=command_env(env),
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError:
         raise CommandError(argv, None, "", f"{argv[0]} not found; install it") from None

@@ -1192,7 +1192,7 @@ def _refuse_if_held(name: str, mapping: str, volume: config.Volume | None) -> No
         guests = (
             f" (guests using it: {', '.join(volume.guests)})" if volume and volume.guests else ""
         )
-        held = f" ({'; '.join(users)})" if users else ""
+        held = f" ({'; '.join(map(str, users))})" if users else ""
         raise PlanRefused(
             f"{mapping} is held open by a process{held}{guests}; shut the guest off first "
             "(luksvm stop GUEST) and run again"

@@ -5,15 +5,57 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, TypedDict
 
-from luksvm import devmapper, guests, lvm, virt
+from luksvm import devmapper, lvm, virt
 from luksvm.config import Config
+from luksvm.durations import format_timespan
 from luksvm.run import CommandError
 from luksvm.systemctl import systemd_running, unit_states
 from luksvm.units import guest_unit, unlock_unit
 
 NOT_DEFINED = "not defined in libvirt"
+
+VolumeState = Literal["locked", "unlocked"]
+
+
+class UnitStatus(TypedDict):
+    name: str
+    state: str  # systemd's ActiveState (active, inactive, failed, …) or "unknown"
+
+
+class VolumeStatus(TypedDict):
+    name: str
+    state: VolumeState
+    device: str
+    device_present: bool
+    open_count: int | None  # None when locked
+    holders: list[str]
+    guest_vgs: list[str]
+    key: str  # the key's kind: file | ask | keyring | …
+    noauto: bool
+    guests: list[str]
+    unit: UnitStatus | None  # None where systemd does not run
+
+
+class GuestStatus(TypedDict):
+    name: str
+    state: str  # libvirt's (running, shutoff, …), NOT_DEFINED or "unknown"
+    volumes: list[str]
+    may_start: bool
+    locked_volumes: list[str]
+    stop_timeout: str
+    on_timeout: str
+    unit: UnitStatus | None
+
+
+class Status(TypedDict):
+    """What `luksvm status --json` prints."""
+
+    systemd: bool
+    volumes: list[VolumeStatus]
+    guests: list[GuestStatus]
+    problems: list[str]
 
 
 def guest_states(uri: str, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -31,7 +73,7 @@ def guest_states(uri: str, names: Sequence[str]) -> tuple[dict[str, str], list[s
         return {}, [f"guest states not read: {error}"]
 
 
-def gather(config: Config) -> dict[str, Any]:
+def gather(config: Config) -> Status:
     found = devmapper.devices()
     by_name = devmapper.by_name(found)
     by_kernel = {d.kernel: d for d in found}
@@ -48,8 +90,7 @@ def gather(config: Config) -> dict[str, Any]:
     states = unit_states(units) if systemd else {}
     libvirt, more = guest_states(config.settings.uri, [g.name for g in config.guests])
     problems += more
-    policies = {p["guest"]: p for p in guests.effective_policies(config)}
-    volumes = []
+    volumes: list[VolumeStatus] = []
     for volume in config.volumes:
         mapping = by_name.get(volume.name)
         path = os.path.realpath(volume.mapper_path)
@@ -75,7 +116,7 @@ def gather(config: Config) -> dict[str, Any]:
                 "unit": _unit(unlock_unit(volume.name), states, systemd),
             }
         )
-    guest_rows = []
+    guest_rows: list[GuestStatus] = []
     for guest in config.guests:
         missing = [name for name in guest.volumes if name not in by_name]
         guest_rows.append(
@@ -85,21 +126,21 @@ def gather(config: Config) -> dict[str, Any]:
                 "volumes": list(guest.volumes),
                 "may_start": not missing,
                 "locked_volumes": missing,
-                "stop_timeout": policies[guest.name]["stop_timeout"],
-                "on_timeout": policies[guest.name]["on_timeout"],
+                "stop_timeout": format_timespan(guest.policy.stop_timeout),
+                "on_timeout": guest.policy.on_timeout,
                 "unit": _unit(guest_unit(guest.name), states, systemd),
             }
         )
     return {"systemd": systemd, "volumes": volumes, "guests": guest_rows, "problems": problems}
 
 
-def _unit(name: str, states: dict[str, str], systemd: bool) -> dict[str, str] | None:
+def _unit(name: str, states: dict[str, str], systemd: bool) -> UnitStatus | None:
     if not systemd:
         return None
     return {"name": name, "state": states.get(name, "unknown")}
 
 
-def rows(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+def rows(data: Status) -> tuple[list[list[str]], list[list[str]]]:
     """The two tables `luksvm status` prints: volumes, then guests."""
     volumes = [["VOLUME", "STATE", "DEVICE", "HOLDERS", "GUEST VGS", "UNIT"]]
     for v in data["volumes"]:

@@ -11,6 +11,15 @@ from luksvm.run import CommandError, run
 
 TIMEOUT = 30
 
+# Unit-file states for which `systemctl is-enabled` exits 0: the unit is pulled in by an install
+# symlink, an alias, Also=, a generator, or needs none (static). That is systemctl-is-enabled.c's
+# list in systemd 252 and later; systemctl(1)'s table also gives 0 for "transient", but the code
+# (and tests/integration/test_systemctl_states.py, run against the installed systemctl) says 1:
+# a transient unit lives for this boot only. linked, masked, disabled and bad are not enabled.
+ENABLED_STATES = frozenset(
+    {"enabled", "enabled-runtime", "static", "alias", "indirect", "generated"}
+)
+
 
 def systemd_running(root: str) -> bool:
     """True when luksvm works on this machine's own root and systemd is its init."""

@@ -230,7 +230,7 @@ def unlock(
 class LockProbe:
     devices: tuple[DmDevice, ...]  # every device-mapper device
     vgs: tuple[VolumeGroup, ...]  # the VGs with a PV on the mapping, with all their PVs
-    users: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dm-N → mounts, processes
+    users: dict[str, tuple[devmapper.Opener, ...]] = field(default_factory=dict)  # dm-N → openers
 
 
 def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
@@ -242,16 +242,16 @@ def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
         return Plan(name, "lock", done="already locked")
     active_lvs = [d for d in probe.devices if _in(d, probe.vgs)]
     ours = {d.kernel for d in active_lvs}
-    held: list[str] = []
+    held: list[Held] = []
     for device in (mapping, *active_lvs):
         held += _holders(device, ours, by_kernel, probe.users)
     if held:
         return Plan(
             name,
             "lock",
-            refusal=f"cannot lock {name}: still held by {', '.join(held)}; "
-            + _fix(volume, held, by_kernel),
-            transient=all(h.endswith(UNEXPLAINED) for h in held),
+            refusal=f"cannot lock {name}: still held by {', '.join(h.text for h in held)}; "
+            + _fix(volume, held),
+            transient=all(h.unexplained for h in held),
         )
     steps = [
         Step(
@@ -280,49 +280,72 @@ def _in(device: DmDevice, vgs: Iterable[VolumeGroup]) -> bool:
     return device.is_lv and any(device.uuid.startswith(vg.dm_uuid_prefix) for vg in vgs)
 
 
+@dataclass(frozen=True)
+class Held:
+    """One thing that keeps a mapping from closing, and what would release it."""
+
+    text: str  # for people: 'dm-7 (vgmail-root, active)', 'QEMU of guest "mail" (pid 812)'
+    fix: str = ""  # "" when only the volume's guests can be suggested
+    unexplained: bool = False  # an opener no process or mount explains (may be transient)
+    rank: int = 0  # the order fixes are given in: guests, then mounts, then VGs
+
+
 def _holders(
     device: DmDevice,
     ours: set[str],
     by_kernel: dict[str, DmDevice],
-    users: dict[str, tuple[str, ...]],
-) -> list[str]:
+    users: dict[str, tuple[devmapper.Opener, ...]],
+) -> list[Held]:
     """What holds `device` and would still hold it after luksvm deactivated the VGs `ours`."""
     held = []
     for kernel in device.holders:
         if kernel in ours:
             continue
         holder = by_kernel.get(kernel)
-        held.append(f"{kernel} ({holder.name}, active)" if holder else kernel)
+        if holder is None:
+            held.append(Held(kernel))
+        elif holder.is_lv:
+            vg = lvm.split_dm_name(holder.name)[0]
+            held.append(
+                Held(
+                    f"{kernel} ({holder.name}, active)",
+                    f"deactivate VG {vg} (vgchange -an {vg})",
+                    rank=2,
+                )
+            )
+        else:
+            held.append(Held(f"{kernel} ({holder.name}, active)"))
     others = device.open_count - len(device.holders)
     if others > 0:
         found = users.get(device.kernel, ())
         what = f"{device.kernel} ({device.name})"
-        if device.is_lv:
-            held += [
-                f"{what} {user}" if user.startswith("mounted") else f"{what}: {user}"
-                for user in found
-            ]
-        else:
-            held += list(found)
+        for user in found:
+            if not device.is_lv:
+                text = str(user)
+            elif user.mount_point:
+                text = f"{what} {user}"
+            else:
+                text = f"{what}: {user}"
+            held.append(Held(text, *_release(user)))
         if len(found) < others:
-            held.append(f"{others - len(found)} more opener(s) of {what} {UNEXPLAINED}")
+            held.append(
+                Held(f"{others - len(found)} more opener(s) of {what} {UNEXPLAINED}", "", True)
+            )
     return held
 
 
-def _fix(volume: Volume, held: list[str], by_kernel: dict[str, DmDevice]) -> str:
-    fixes = []
-    guests = [h.split('"')[1] for h in held if 'QEMU of guest "' in h]
-    for guest in guests:
-        fixes.append(f'stop guest "{guest}" first (luksvm stop {guest})')
-    fixes += [f"unmount {h.split('mounted at ', 1)[1]}" for h in held if "mounted at " in h]
-    foreign_vgs = sorted(
-        {
-            lvm.split_dm_name(d.name)[0]
-            for d in by_kernel.values()
-            if d.is_lv and any(h.startswith(f"{d.kernel} ({d.name}, active)") for h in held)
-        }
-    )
-    fixes += [f"deactivate VG {vg} (vgchange -an {vg})" for vg in foreign_vgs]
+def _release(user: devmapper.Opener) -> tuple[str, bool, int]:
+    """(fix, unexplained, rank) for what an opener is."""
+    if user.guest:
+        return f'stop guest "{user.guest}" first (luksvm stop {user.guest})', False, 0
+    if user.mount_point:
+        return f"unmount {user.mount_point}", False, 1
+    return "", False, 0
+
+
+def _fix(volume: Volume, held: list[Held]) -> str:
+    ranked = sorted({(h.rank, h.fix) for h in held if h.fix}, key=lambda r: (r[0], r[1]))
+    fixes = [fix for _rank, fix in ranked]
     if not fixes:
         fixes = [f'stop guest "{g}" first (luksvm stop {g})' for g in volume.guests]
     return "; ".join(fixes) or "stop what uses it first"

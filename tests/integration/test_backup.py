@@ -92,7 +92,10 @@ def test_backup_is_what_luksheaderbackup_writes_and_verifies(
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], version: int
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    version: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     image = make_luks(tmp_path / "disk.img", KEY, version=version)
     directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
@@ -101,7 +104,16 @@ def test_unchanged_header_writes_nothing_and_a_new_key_writes_one(
     first_bytes = digest(first)
     capsys.readouterr()
 
+    ran: list[tuple[str, ...]] = []
+    real_run = cryptsetup.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        ran.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cryptsetup, "run", recording_run)
     assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert ran == []  # the metadata digest answers it: no isLuks, no luksDump
     out = capsys.readouterr().out
     assert "unchanged" in out
     assert "note:" not in out  # the passphrase warning comes with new backups
@@ -410,3 +422,120 @@ def test_config_volume_names_are_checked(tmp_path: Path) -> None:
     configure(tmp_path, {"cr_test": "/dev/null"})
     with pytest.raises(UsageError, match="no volume 'cr_nope'"):
         backup.backup_headers(config.load(str(tmp_path)), ["cr_nope"])
+
+
+# --- the backup file's stamp: hashed in full only when the filesystem says it changed ------------
+
+
+def _hash_counter(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    hashed: list[str] = []
+    real = backup.sha256_of
+
+    def counting(path: str, size: int | None = None) -> str:
+        if size is None:
+            hashed.append(os.path.realpath(path))
+        return real(path, size)
+
+    monkeypatch.setattr(backup, "sha256_of", counting)
+    return hashed
+
+
+def _one_backup(tmp_path: Path) -> tuple[Path, Path]:
+    """A LUKS2 image configured as cr_test, backed up once: (its backup folder, the backup)."""
+    image = make_luks(tmp_path / "disk.img", KEY)
+    directory = configure(tmp_path, {"cr_test": str(image)}) / "cr_test"
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    (file,) = backups_of(directory)
+    return directory, file
+
+
+def _doctor_says(root: Path) -> tuple[str, str]:
+    from luksvm import doctor
+
+    # doctor reads [backup] dir under --root, header-backup as written: point the one at the other
+    inside = root / str(root).lstrip("/") / "backups"
+    if not inside.exists():
+        inside.parent.mkdir(parents=True)
+        inside.symlink_to(root / "backups")
+    (found,) = doctor.run_checks(doctor.Host(str(root)), doctor.select(["header-backup"]))
+    return found.status, found.message
+
+
+def test_an_unchanged_backup_file_is_not_hashed_again_a_tampered_one_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, file = _one_backup(tmp_path)
+    record = json.loads(Path(f"{file}.json").read_text())
+    assert record["file_stamp"]["size"] == file.stat().st_size == 16 << 20
+    assert record["file_stamp"]["ctime_ns"] == file.stat().st_ctime_ns
+    hashed = _hash_counter(monkeypatch)
+
+    assert _doctor_says(tmp_path) == ("OK", f"backup {file.name} verifies and is current")
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert hashed == []  # neither doctor nor the rerun read the 16 MiB
+
+    # one byte changed in the keyslot area, and the mtime set back: ctime still moved
+    before = file.stat()
+    with open(file, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xff")
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (file.stat().st_size, file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    status, message = _doctor_says(tmp_path)
+    assert status == "FAIL" and "no longer hashes as recorded" in message
+    assert hashed == [str(file)]
+
+    # header-backup takes a new backup beside the damaged one (left for the admin to see)
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert len(backups_of(directory)) == 2
+    assert _doctor_says(tmp_path)[0] == "OK"
+
+
+def test_what_the_stamp_cannot_see_is_found_by_the_periodic_full_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change beneath the filesystem (bit rot, a write to the raw disk) leaves the stamp as it
+    was: doctor finds it once the last full hash is older than [backup] max_age, header-backup
+    once it is older than REHASH_AFTER (a week)."""
+    directory, file = _one_backup(tmp_path)
+    record_path = Path(f"{file}.json")
+    with open(file, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xff")
+    # what such a change looks like: the recorded stamp matches the file as it is now
+    record = json.loads(record_path.read_text())
+    st = file.stat()
+    record["file_stamp"] = {
+        "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+    }  # fmt: skip
+    record_path.write_text(json.dumps(record))
+    assert _doctor_says(tmp_path)[0] == "OK"  # not seen: the documented limit
+
+    record["file_hashed"] = "2000-01-01T00:00:00.000Z"  # the last full hash long ago
+    record_path.write_text(json.dumps(record))
+    status, message = _doctor_says(tmp_path)
+    assert status == "FAIL" and "no longer hashes as recorded" in message
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert len(backups_of(directory)) == 2  # a new backup of the unchanged header
+
+
+def test_a_record_without_a_stamp_is_hashed_and_header_backup_adds_the_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, file = _one_backup(tmp_path)
+    record_path = Path(f"{file}.json")
+    old = json.loads(record_path.read_text())
+    del old["file_stamp"], old["file_hashed"]  # as luksvm wrote records before
+    record_path.write_text(json.dumps(old))
+    hashed = _hash_counter(monkeypatch)
+    assert _doctor_says(tmp_path)[0] == "OK"
+    assert hashed == [str(file)]
+    assert main(["--root", str(tmp_path), "header-backup"]) == 0
+    assert backups_of(directory) == [file]
+    new = json.loads(record_path.read_text())
+    assert new["file_stamp"]["inode"] == file.stat().st_ino
+    assert {k: new[k] for k in old} == old
+    hashed.clear()
+    assert _doctor_says(tmp_path)[0] == "OK"
+    assert hashed == []

@@ -70,3 +70,57 @@ def test_header_backup_is_the_header_area(luks2_image: Path, tmp_path: Path) -> 
     header = cryptsetup.read_header(str(luks2_image))
     assert backup.stat().st_size == header.header_size
     assert cryptsetup.read_header(str(backup)).uuid == header.uuid
+
+
+def _reading(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    ran: list[tuple[str, ...]] = []
+    real_run = cryptsetup.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        ran.append(tuple(argv[:3]))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cryptsetup, "run", recording_run)
+    return ran
+
+
+def _two_dumps(image: Path) -> cryptsetup.LuksHeader:
+    """What read_header returned before: the text dump, then the JSON dump."""
+    import json
+
+    text = sh("cryptsetup", "luksDump", str(image))
+    metadata = json.loads(sh("cryptsetup", "luksDump", "--dump-json-metadata", str(image)))
+    return cryptsetup.parse_luks2(str(image), text, metadata)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_header_is_read_with_one_cryptsetup_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    image = make_luks(tmp_path / "l.img", b"secret", version=version, extra=("--label", "mail"))
+    ran = _reading(monkeypatch)
+    header = cryptsetup.read_header(str(image))
+    assert len(ran) == 1, ran
+    assert header.uuid == sh("cryptsetup", "luksUUID", str(image)).strip()
+    if version == 2:
+        assert ran == [("cryptsetup", "luksDump", "--dump-json-metadata")]
+        assert header == _two_dumps(image)
+        assert header.label == "mail"
+
+
+def test_a_luks2_primary_header_that_does_not_check_out_is_read_from_the_text_dump(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_luks(tmp_path / "l2.img", b"secret", extra=("--label", "mail"))
+    expected = _two_dumps(image)
+    with open(image, "r+b") as f:  # the label in the primary binary header: checksum breaks
+        f.seek(24)
+        f.write(b"evil\0")
+    ran = _reading(monkeypatch)
+    header = cryptsetup.read_header(str(image))
+    # cryptsetup reads the intact secondary copy; luksvm does not trust the bytes it cannot check
+    assert header == expected and header.label == "mail"
+    assert ran[-2:] == [
+        ("cryptsetup", "luksDump", str(image)),
+        ("cryptsetup", "luksDump", "--dump-json-metadata"),
+    ]

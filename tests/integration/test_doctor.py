@@ -345,3 +345,35 @@ def test_keyring_keys_resolve_only_through_the_configured_backend(
     assert "holds no secret for service 'luksvm' user 'cr_b'" in by(findings, "cr_b").message
     assert by(findings, "cr_b").fix.startswith("store it with: ")
     assert all("s3cret-key" not in f.message + f.fix for f in findings)
+
+
+def test_every_check_together_reads_each_header_with_one_cryptsetup_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from luksvm import backup, config, cryptsetup
+
+    images = [make_luks(tmp_path / f"v{n}.img", b"pw") for n in range(3)]
+    root = write_config(
+        tmp_path / "root",
+        {"10.conf": "".join(f"cr_v{n} {image} - luks\n" for n, image in enumerate(images))},
+        "[backup]\ndir = /var/lib/luksvm/header-backups\n",
+    )
+    for volume in config.load(str(root)).volumes:
+        folder = root / "var/lib/luksvm/header-backups" / volume.name
+        folder.mkdir(parents=True)
+        backup.backup_volume(volume, str(folder), keep=5)
+    ran: list[tuple[str, ...]] = []
+    real_run = cryptsetup.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        ran.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cryptsetup, "run", recording_run)
+    findings = doctor.run_checks(Host(str(root)), doctor.select([]))
+    assert {f.subject: f.status for f in findings if f.check == "header-backup"} == {
+        f"cr_v{n}": OK for n in range(3)
+    }
+    assert sorted(ran) == [
+        ("cryptsetup", "luksDump", "--dump-json-metadata", str(image)) for image in images
+    ]

@@ -76,10 +76,13 @@ UNSAFE_KEYFILES: dict[str, tuple[Callable[[Path], object], str]] = {
         "has mode 0440: group or others may access it; fix: chmod 0400 {path}",
     ),
     "not-root": (owned_by_nobody, "is owned by uid 65534, not root; fix: chown root:root {path}"),
-    "directory": (Path.mkdir, "is not a regular file"),
+    "directory": (
+        Path.mkdir,
+        "is not a regular file; fix: point the key field of {mapping} at a regular file",
+    ),
     "missing": (
         lambda p: None,
-        "does not exist; create it (root-owned, mode 0400, e.g. under /etc/luksvm/keys/) or "
+        "does not exist; fix: create it (root-owned, mode 0400, e.g. under /etc/luksvm/keys/) or "
         "change the key field of {mapping}",
     ),
 }

@@ -259,3 +259,44 @@ def test_the_units_run_the_luksvm_that_runs_apply(
     executable.chmod(0o755)
     monkeypatch.setattr(sys, "argv", [str(executable), "apply"])
     assert apply.luksvm_path() == str(executable)
+
+
+def test_apply_flushes_what_it_wrote_and_its_directories_not_the_machine(
+    seed_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_sync() -> None:
+        raise AssertionError("os.sync() flushes every filesystem of the machine")
+
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "sync", no_sync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    run_apply(seed_root, capsys)
+    unit_dir = seed_root / UNIT_DIR
+    written = {
+        str(unit_dir / p) for p, text in tree(seed_root).items() if not text.startswith("-> ")
+    }
+    # each file under its hidden staging name, flushed before it was renamed into place
+    assert {
+        os.path.join(os.path.dirname(p), os.path.basename(p)[2:-7])
+        for p in flushed
+        if os.path.basename(p).startswith(".#")
+    } == written | {str(seed_root / apply.MANIFEST)}
+    directories = {p for p in flushed if not os.path.basename(p).startswith(".#")}
+    assert directories >= {
+        str(unit_dir),
+        str(unit_dir / "luksvm.target.wants"),  # the links' entries
+        str(unit_dir / "luksvm-guest@mail.service.d"),
+        str(seed_root / "etc/systemd"),  # new folders' names in their parents
+    }
+    assert all(os.path.isdir(p) for p in directories)
+    flushed.clear()
+    write_config(seed_root, {"10-seed.conf": SEED_WITHOUT_WEB})
+    run_apply(seed_root, capsys)  # removals: the directories they emptied or changed
+    assert str(unit_dir / "luksvm.target.wants") in flushed
+    assert str(unit_dir) in flushed  # the emptied luksvm-unlock@cr_web.service.d went from it

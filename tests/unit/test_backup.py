@@ -148,3 +148,15 @@ def test_metadata_size_from_the_first_bytes() -> None:
     assert cryptsetup.metadata_size(luks2) == 32768
     assert cryptsetup.metadata_size(luks2[:8] + (12345).to_bytes(8, "big")) == 0  # implausible
     assert cryptsetup.metadata_size(bytes(4096)) == 0
+
+
+def test_a_record_whose_stamp_does_not_read_keeps_its_hashes(tmp_path: Path) -> None:
+    record = tmp_path / "x.luksheader.json"
+    record.write_text(
+        '{"file_sha256": "ab", "metadata_bytes": 32768, "metadata_sha256": "cd", '
+        '"file_stamp": "garbage", "file_hashed": "2024-05-01T12:00:00.000Z"}'
+    )
+    found = backup.read_record(
+        backup.Backup(str(tmp_path / "x.luksheader"), datetime.now(timezone.utc), "u", False)
+    )
+    assert found == backup.Record("ab", 32768, "cd")  # no stamp: the file is hashed in full

@@ -315,6 +315,27 @@ def test_a_closed_mapping_the_filter_accepts_warns(tmp_path: Path, commands: Com
     assert 'global_filter = [ "a|^/dev/sda2$|", "r|.*|" ]' in finding.fix
 
 
+def test_the_filter_fix_is_built_once_for_every_volume_it_applies_to(
+    tmp_path: Path, commands: Commands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = ""
+    for n in range(6):
+        dev = device(tmp_path, f"lv{n}")
+        commands.luks(dev, "luksDump-luks2-one-slot.txt", "luksDump-luks2-one-slot.json")
+        lines += f"cr_{n} {dev} - luks,x-luksvm.guest=g{n}\n"
+    commands.pvs([pv_row("/dev/sda2", "volgrp4")])
+    commands.lvm()
+    root = seed(tmp_path, lines)
+    built = []
+    monkeypatch.setattr(
+        doctor, "proposed_global_filter", lambda host: built.append(host) or "global_filter = []"
+    )
+    findings = run_check(FakeHost(str(root)), "guest-vg-leak")
+    assert [f.status for f in findings] == [WARN] * 6
+    assert {f.fix.splitlines()[1].strip() for f in findings} == {"global_filter = []"}
+    assert len(built) == 1  # was once per volume: O(volumes²) at 200 volumes
+
+
 def test_the_proposed_filter_hides_the_open_mapping(tmp_path: Path, commands: Commands) -> None:
     root = leak_root(tmp_path, commands)
     lvm_dir = root / "etc/lvm"
@@ -571,6 +592,30 @@ def test_units_never_applied_then_in_sync_then_out_of_sync(
     )
     assert by(findings, "web").status == WARN
     assert by(findings, "cr_a").status == OK
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("enabled-runtime", OK),
+        ("alias", OK),
+        ("linked", FAIL),
+        ("masked", FAIL),
+        ("transient", FAIL),
+    ],
+)
+def test_target_counts_as_enabled_exactly_when_systemctl_is_enabled_says_so(
+    tmp_path: Path, commands: Commands, state: str, status: str
+) -> None:
+    root = seed(tmp_path, "cr_a /dev/a - luks,x-luksvm.guest=mail\n")
+    commands.unit_files(
+        str(root), TARGET_ENABLED.replace('"state":"enabled"', f'"state":"{state}"')
+    )
+    target = by(run_check(Host(str(root)), "units"), "luksvm.target")
+    assert (target.status, target.message.startswith(f"luksvm.target is {state}")) == (
+        status,
+        status == FAIL,
+    )
 
 
 def show_block(unit: str, **properties: str) -> str:

@@ -155,16 +155,6 @@ def test_unit_timeouts_cover_what_guest_start_and_stop_may_wait() -> None:
     assert guests.POLICY_SECONDS["destroy"] >= 30  # destroy, then the wait for shut off
 
 
-def test_effective_policies_for_status(cfg: config.Config) -> None:
-    table = {row["guest"]: row for row in guests.effective_policies(cfg)}
-    assert [row["guest"] for row in guests.effective_policies(cfg)] == ["mail", "db", "web"]
-    assert table["web"]["on_timeout"] == "managedsave"
-    assert table["web"]["stop_timeout"] == "10s"
-    assert table["db"]["start_delay"] == "5s"
-    assert table["mail"]["unit_stop_timeout"] == "1min 10s"
-    assert table["mail"]["unit"] == "luksvm-guest@mail.service"
-
-
 def test_select_keeps_start_order_and_refuses_unknown(cfg: config.Config) -> None:
     assert guests.select(cfg, [], True) == ["mail", "db", "web"]
     assert guests.select(cfg, ["web", "mail"], False) == ["mail", "web"]
@@ -231,7 +221,11 @@ def test_stop_through_units_one_systemctl_for_active_units_direct_for_the_rest(
     monkeypatch.setattr(
         guests, "stop_guests", lambda _c, names, _connect: direct.append(list(names)) or []
     )
-    guests.stop_through_units(cfg, ["mail", "db", "web"])
+    steps = guests.stop_through_units(cfg, ["mail", "db", "web"])
+    argv = ("systemctl", "stop", "luksvm-guest@mail.service", "luksvm-guest@db.service")
+    assert next(steps) == guests.Progress("", "stop", argv)
+    assert ran == []  # told before it runs
+    assert list(steps) == []
     assert ran == [
         (
             ["systemctl", "stop", "luksvm-guest@mail.service", "luksvm-guest@db.service"],
@@ -275,8 +269,34 @@ def test_a_unit_whose_stop_failed_fails_the_admins_stop(
     monkeypatch.setattr(run, "run", fake_systemctl)
     monkeypatch.setattr(guests, "stop_guests", lambda _c, names, _connect: [])
     with pytest.raises(LuksvmError) as error:
-        guests.stop_through_units(cfg, ["mail", "web"])
+        list(guests.stop_through_units(cfg, ["mail", "web"]))
     assert str(error.value) == (
         "guest 'web' not stopped: luksvm-guest@web.service failed (on_timeout=managedsave); "
         "see: journalctl -u luksvm-guest@web.service"
     )
+
+
+def test_start_through_units_tells_each_command_before_it_runs_and_prints_nothing(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import contextlib
+
+    from luksvm import run
+
+    ran: list[list[str]] = []
+    states = {"luksvm-guest@mail.service": "active"}
+    running = SimpleNamespace(is_running=lambda: True)
+    conn = SimpleNamespace(find=lambda name: running if name == "mail" else None)
+    monkeypatch.setattr(guests, "unit_state", lambda u: states.get(u, "inactive"))
+    monkeypatch.setattr(guests.virt, "connect", lambda uri, readonly: contextlib.nullcontext(conn))
+    monkeypatch.setattr(run, "run_interactive", lambda argv, check: ran.append(argv) or 0)
+    steps = guests.start_through_units(cfg, ["mail", "web"])
+    assert next(steps) == guests.Progress("mail", "already running")
+    told = next(steps)
+    assert told == guests.Progress(
+        "web", "start", ("systemctl", "start", "luksvm-guest@web.service")
+    )
+    assert ran == []  # told first: the admin sees which unit asks before its prompt appears
+    assert list(steps) == []
+    assert ran == [["systemctl", "start", "luksvm-guest@web.service"]]
+    assert capsys.readouterr().out == ""

@@ -8,7 +8,7 @@ import pytest
 
 from luksvm import blockdev, config, cryptsetup, lvm, systemctl, unlock
 from luksvm.config import Volume, parse_crypttab
-from luksvm.devmapper import DmDevice, parse_info, qemu_guest_name
+from luksvm.devmapper import DmDevice, Opener, parse_info, qemu_guest_name
 from luksvm.errors import LuksvmError
 from luksvm.lvm import VolumeGroup
 from luksvm.unlock import LockProbe, UnlockProbe, lock_plan, unlock_plan
@@ -265,7 +265,7 @@ def test_already_closed_is_success() -> None:
 
 def test_lock_refuses_while_a_guests_qemu_holds_the_mapping() -> None:
     devices = (crypt("cr_imap_encr", "dm-3", 1),)
-    users = {"dm-3": ('QEMU of guest "mail" (pid 812)',)}
+    users = {"dm-3": (Opener('QEMU of guest "mail" (pid 812)', guest="mail"),)}
     plan = lock_plan(volume(IMAP), LockProbe(devices, (), users))
     assert not plan.steps
     assert plan.refusal == (
@@ -280,7 +280,9 @@ def test_lock_refuses_while_a_guest_lv_is_mounted_and_changes_nothing() -> None:
         lv("vgmail-root", "dm-7", open_count=1),
     )
     probe = LockProbe(
-        devices, (vgmail("/dev/mapper/cr_imap_encr"),), {"dm-7": ("mounted at /mnt",)}
+        devices,
+        (vgmail("/dev/mapper/cr_imap_encr"),),
+        {"dm-7": (Opener("mounted at /mnt", mount_point="/mnt"),)},
     )
     plan = lock_plan(volume(IMAP), probe)
     assert not plan.steps
@@ -313,7 +315,7 @@ def test_an_opener_not_found_is_counted_and_the_guests_suggested() -> None:
 def test_only_unexplained_openers_make_a_refusal_transient() -> None:
     unexplained = lock_plan(volume(IMAP), LockProbe((crypt("cr_imap_encr", "dm-3", 1),), ()))
     assert unexplained.refusal and unexplained.transient
-    users = {"dm-3": ('QEMU of guest "mail" (pid 812)',)}
+    users = {"dm-3": (Opener('QEMU of guest "mail" (pid 812)', guest="mail"),)}
     qemu = lock_plan(volume(IMAP), LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users))
     assert qemu.refusal and not qemu.transient
 
@@ -336,7 +338,7 @@ def test_lock_waits_for_an_opener_no_process_explains(monkeypatch: pytest.Monkey
 
 
 def test_lock_never_waits_for_a_process_and_never_forces(monkeypatch: pytest.MonkeyPatch) -> None:
-    users = {"dm-3": ('QEMU of guest "mail" (pid 812)',)}
+    users = {"dm-3": (Opener('QEMU of guest "mail" (pid 812)', guest="mail"),)}
     held = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users)
     ran: list[str] = []
     monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: held)

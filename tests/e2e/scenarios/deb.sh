@@ -1,5 +1,5 @@
-# luksvm from its Debian package on the seed host (which has it from pip): install, upgrade,
-# remove and install again while a volume is unlocked and a guest runs through luksvm's units.
+# luksvm from its Debian package on the seed host (which has it from pip): install, remove and
+# install a newer revision while a volume is unlocked and a guest runs through luksvm's units.
 # Nothing the package does may start, stop, restart, unlock or lock anything. In: $E2E_IN/
 # luksvm_VERSION-1_all.deb and luksvm_VERSION-2_all.deb. The VM has no network: apt takes every
 # dependency from the image (tests/e2e/image.py PACKAGES).
@@ -45,20 +45,21 @@ python3 -c 'import luksvm; print(luksvm.__file__)' > module.txt
 cat > /etc/luksvm/crypttab.d/10-web.conf <<'CONF'
 cr_web /dev/volgrp4/lvweb_hd0 /etc/luksvm/keys/web.key luks,discard,x-luksvm.guest=web
 CONF
-sed -i 's/^#stop_timeout = .*/stop_timeout = 3s/' /etc/luksvm/luksvm.conf
+# the [guests] setting (the first; a commented [guest:NAME] example follows)
+sed -i '0,/^#stop_timeout = .*/s//stop_timeout = 3s/' /etc/luksvm/luksvm.conf
 grep -q '^stop_timeout = 3s' /etc/luksvm/luksvm.conf
 step apply luksvm apply
 step start-target systemctl start luksvm.target
 state running
 
-step upgrade apt_get install "$new"
-state upgraded
+# Removal, then the newer revision: dpkg configures it as an upgrade from the removed one
+# (postinst gets its version). The in-place upgrade is tested on the host tier (dpkg --root).
 step remove apt_get remove luksvm
 state removed
-step reinstall apt_get install "$new"
-state reinstalled
+step upgrade apt_get install "$new"
+state upgraded
 
-# The units work from the reinstalled package: the guest (no OS, ignores ACPI) destroyed after
+# The units work from the newer package: the guest (no OS, ignores ACPI) destroyed after
 # stop_timeout, the volume locked.
 step stop-target systemctl stop luksvm.target luksvm-unlock@cr_web.service
 state stopped

@@ -89,9 +89,15 @@ def parse_date(text: str, now: datetime | None = None) -> datetime:
             f"--prune-before {text!r}: expected now, a date such as 2024-05-01 or a time such as "
             "2024-05-01T12:00 (local time; append Z for UTC)"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # the admin's local time
-    return moment.astimezone(timezone.utc)
+    try:
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # the admin's local time
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise UsageError(
+            f"--prune-before {text!r}: out of the range of dates (years 1 to 9999 in UTC)",
+            fix="give a date such as 2024-05-01, or now",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -309,8 +315,16 @@ def directory_on_volumes(
 def prepare_directory(path: str) -> None:
     """Create `path` mode 0700 if needed; refuse one not owned by us (someone else could swap the
     backups), tighten a looser mode."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as error:
+        found = files.blocker(path)
+        raise LuksvmError(
+            f"cannot make the header backup folder {path}: "
+            + (f"{found} is not a folder" if found else str(error.strerror)),
+            fix="move it out of the way, or set [backup] dir in luksvm.conf to a folder",
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise LuksvmError(f"{path} is not a directory; header backups need a directory there")
     if st.st_uid != os.geteuid():

@@ -15,6 +15,7 @@ from luksvm.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EXIT_WARN, LuksvmError
 
 if TYPE_CHECKING:
     from luksvm import guests
+    from luksvm.config import Config
 
 log = logging.getLogger("luksvm")
 
@@ -44,13 +45,25 @@ def print_table(rows: Sequence[Sequence[str]]) -> None:
 # --- commands: each handler imports what it needs, so `luksvm --help` stays light -------------
 
 
+def option_warnings(cfg: Config) -> tuple[int | None, list[str]]:
+    """The installed systemd's version and the options it would ignore, each printed once."""
+    from luksvm import config, crypttab_options
+
+    version = crypttab_options.installed_systemd_version(cfg.root)
+    warnings = [str(w) for w in config.option_warnings(cfg, version)]
+    for warning in warnings:
+        print(f"luksvm: warning: {warning}", file=sys.stderr)
+    return version, warnings
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from luksvm import config
 
     cfg = config.load(args.root)
     data = config.describe(cfg)
+    version, warnings = option_warnings(cfg)
     if args.json:
-        print_json(data)
+        print_json({**data, "systemd_version": version, "warnings": warnings})
         return EXIT_OK
     volumes: list[dict[str, Any]] = data["volumes"]  # type: ignore[assignment]
     guests: list[dict[str, Any]] = data["guests"]  # type: ignore[assignment]
@@ -385,10 +398,51 @@ def cmd_shrink_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_grow(args: argparse.Namespace) -> int:
+    from luksvm import grow
+    from luksvm.errors import UsageError
+
+    amount = grow.parse_amount(args.by, args.to)
+    if (args.guest is None) == (args.lv is None):
+        raise UsageError("grow takes a GUEST or --lv VG/LV (one of them)")
+    if args.lv is not None and (args.disk or args.inside):
+        raise UsageError("--disk and --inside belong to grow GUEST, not to grow --lv")
+    if args.guest is not None and args.device:
+        raise UsageError("--device belongs to grow --lv, not to grow GUEST")
+    if args.lv is not None:
+        grow.split_lv(args.lv)
+    out = sys.stderr if args.json else sys.stdout
+
+    def progress(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    if args.lv is not None:
+        plan = grow.grow_lv(args.root, args.lv, args.device, amount, dry_run=args.dry_run,
+                            key_file=args.key_file, progress=progress)  # fmt: skip
+    else:
+        plan = grow.grow_guest(args.root, args.guest, args.disk, amount, dry_run=args.dry_run,
+                               inside=args.inside, key_file=args.key_file,
+                               progress=progress)  # fmt: skip
+    if args.json:
+        data = grow.describe(plan)
+        data["done"] = not args.dry_run
+        print_json(data)
+    elif args.dry_run:
+        print(grow.format_plan(plan))
+    else:
+        print(f"\n{plan.subject} is {plan.target:,} B; every check held")
+        if plan.inside is not None and not args.inside:
+            print("Inside the guest:")
+            for line in grow.describe_inside(plan.inside):
+                print(line)
+    return EXIT_OK
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from luksvm import apply, config, guests
 
     cfg = config.load(args.root)
+    option_warnings(cfg)
     plan = apply.apply(cfg, dry_run=args.dry_run)
     for line in apply.describe(plan, dry_run=args.dry_run, diff=args.diff):
         print(line)
@@ -653,6 +707,45 @@ def build_parser() -> Parser:
                 "(default /var/lib/luksvm/shrink/VG-LV-TIME)",
             )
         sub.set_defaults(func=func)
+
+    grow_parser = commands.add_parser(
+        "grow",
+        help="grow a guest's disk while it runs, or an LV and every layer below it",
+        description="grow GUEST: host LV (whole extents) -> LUKS mapping (512-byte sectors) -> the "
+        "running QEMU (bytes), then the steps inside the guest. grow --lv VG/LV: LV and ext4, "
+        "and the PV, mapping and partition or host LV below when the VG lacks free extents. "
+        "Interrupted, the same command resumes.",
+    )
+    grow_parser.add_argument("guest", metavar="GUEST", nargs="?", help="the libvirt domain")
+    grow_parser.add_argument("--lv", metavar="VG/LV", help="grow this LV (the host's own stack)")
+    grow_parser.add_argument("--disk", metavar="TARGET", help="the guest's disk, e.g. vda")
+    grow_parser.add_argument(
+        "--device",
+        metavar="DEV",
+        help="with --lv: the LUKS container or its open mapping (default: from the VG's PV)",
+    )
+    size_group = grow_parser.add_mutually_exclusive_group()
+    size_group.add_argument(
+        "--by", metavar="SIZE", help="add SIZE (with its unit: 10GiB, 2560e...)"
+    )
+    size_group.add_argument(
+        "--to",
+        metavar="SIZE",
+        help="the new size: of the guest's disk (GUEST) or of the LV (--lv)",
+    )
+    grow_parser.add_argument(
+        "--inside",
+        action="store_true",
+        help="also run the steps inside the guest through its QEMU guest agent",
+    )
+    grow_parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the LUKS2 key for cryptsetup resize when none is configured (- reads stdin)",
+    )
+    grow_parser.add_argument("--dry-run", action="store_true", help="show the plan; change nothing")
+    grow_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    grow_parser.set_defaults(func=cmd_grow)
 
     migrate_parser = commands.add_parser(
         "migrate",

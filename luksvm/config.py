@@ -6,33 +6,27 @@ FILE:LINE:COL: what was found, what was expected.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from luksvm.durations import format_timespan, parse_timespan
+from luksvm import crypttab_options
+from luksvm.durations import USEC_INFINITY, USEC_PER_SEC, format_timespan, parse_timespan
 from luksvm.errors import UsageError
 
 CRYPTTAB_DIR = "etc/luksvm/crypttab.d"
 SETTINGS_FILE = "etc/luksvm/luksvm.conf"
 KEYS_DIR = "/etc/luksvm/keys"
 
-# crypttab(5) options that systemd-cryptsetup (or its generator) understands: passed on verbatim.
-STANDARD_OPTIONS = frozenset(
-    """
-    discard cipher hash keyfile-offset keyfile-size keyfile-erase key-slot luks offset skip
-    read-only readonly same-cpu-crypt submit-from-crypt-cpus no-read-workqueue no-write-workqueue
-    sector-size size tries headless password-echo timeout verify noauto nofail _netdev
-    x-systemd.device-timeout keyfile-timeout x-initrd.attach pkcs11-uri fido2-device fido2-cid
-    fido2-rp fido2-pin fido2-up fido2-uv tpm2-device tpm2-pcrs tpm2-public-key
-    tpm2-public-key-pcrs tpm2-signature tpm2-pin tpm2-pcrlock tpm2-measure-pcr tpm2-measure-bank
-    token-timeout try-empty-password fixate-volume-key link-volume-key integrity-ignore-nofail
-    """.split()
-)
+# crypttab(5) options that systemd-cryptsetup (or its generator) understands: passed on verbatim
+# once their values are checked (crypttab_options.py holds the table, with the systemd versions).
+STANDARD_OPTIONS = frozenset(crypttab_options.OPTIONS)
 # Options only the crypttab generator acts on: luksvm implements them in its units instead.
 GENERATOR_OPTIONS = frozenset({"noauto", "nofail", "x-systemd.device-timeout", "keyfile-timeout"})
-NOT_LUKS_OPTIONS = frozenset({"plain", "bitlk", "tcrypt", "swap", "tmp", "tcrypt-hidden"})
+NOT_LUKS_OPTIONS = crypttab_options.NOT_LUKS
 INITRAMFS_OPTIONS = frozenset({"keyscript", "initramfs", "check", "checkargs", "precheck"})
 TOKEN_OPTIONS = frozenset({"tpm2-device", "fido2-device", "pkcs11-uri"})
 
@@ -47,10 +41,23 @@ SOURCE_TAGS = {
 }
 
 # Device-mapper names: what udev creates /dev/mapper links for unmangled (DM_NAME_LEN is 128).
-MAPPING_NAME = re.compile(r"^[A-Za-z0-9#+\-.:=@_]{1,127}$")
+# Not starting with "-": the units run `luksvm unlock NAME`, where it would read as an option.
+MAPPING_NAME = re.compile(r"^(?!-)[A-Za-z0-9#+\-.:=@_]{1,127}$")
 # libvirt refuses "/" and control characters in domain names; crypttab options split on "," and
-# fields on white space, so those cannot be written here either.
-GUEST_NAME = re.compile(r"^[^\s/,\x00-\x1f\x7f]{1,200}$")
+# fields on white space, so those cannot be written here either; no leading "-" (as above).
+GUEST_NAME = re.compile(r"^(?!-)[^\s/,\x00-\x1f\x7f]{1,200}$")
+
+# How systemd reads crypttab (src/basic/fileio.c read_line(), then strstrip() and sscanf("%ms")):
+# lines end at \n, \r or NUL (\r\n and \n\r count once); WHITESPACE is stripped from both ends;
+# fields are separated by C isspace(): WHITESPACE plus \v and \f, never NBSP or U+2028.
+WHITESPACE = " \t\n\r"
+FIELD_SEPARATORS = " \t\n\r\v\f"
+LONG_LINE_MAX = 1024 * 1024  # systemd's LONG_LINE_MAX: a longer line stops the generator
+PATH_MAX = 4096
+NAME_MAX = 255
+# Durations luksvm.conf accepts: systemd's limit less what luksvm adds for its units' timeouts.
+UNIT_TIMEOUT_HEADROOM = 3600 * USEC_PER_SEC
+MAX_DURATION = USEC_INFINITY - 1 - UNIT_TIMEOUT_HEADROOM
 
 STOP_POLICIES = ("destroy", "managedsave", "fail")
 
@@ -109,6 +116,8 @@ class Volume:
     options: tuple[str, ...]  # standard crypttab options, verbatim and in order
     guests: tuple[str, ...]
     where: Location
+    # where each of `options` stands on its line (for warnings about one option)
+    option_columns: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def mapper_path(self) -> str:
@@ -135,7 +144,8 @@ class Volume:
     def interactive(self) -> bool:
         """True when unlocking may wait at a passphrase prompt."""
         if self.key.kind != "ask":
-            return False
+            # A keyfile or keyring key with headless=false falls back to a prompt when it fails.
+            return self.option("headless") is not None and not self.has_flag("headless")
         has_token = any(self.option(name) is not None for name in TOKEN_OPTIONS)
         return not (has_token and self.has_flag("headless"))
 
@@ -269,7 +279,13 @@ def _settings_spec(section: str, key: str) -> SettingSpec | None:
 def _convert(spec: SettingSpec, value: str) -> str | int:
     """The typed value of a setting; ValueError says what was expected."""
     if spec.kind == "duration":
-        return parse_timespan(value)
+        usec = parse_timespan(value)
+        if usec > MAX_DURATION:
+            raise ValueError(
+                f"{value!r} is too long: luksvm adds up to an hour to it for its units' timeouts "
+                f"and systemd counts at most {format_timespan(USEC_INFINITY - 1)}"
+            )
+        return usec
     if spec.kind in ("count", "order"):
         if not re.fullmatch(r"-?\d+", value):
             raise ValueError(f"{value!r} is not a whole number")
@@ -282,8 +298,9 @@ def _convert(spec: SettingSpec, value: str) -> str | int:
             raise ValueError(f"{value!r} is not one of {', '.join(STOP_POLICIES)}")
         return value
     if spec.kind == "path":
-        if not value.startswith("/"):
-            raise ValueError(f"{value!r} is a relative path; write an absolute path")
+        problem = path_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value.rstrip("/") or "/"
     if spec.kind == "uri":
         if "://" not in value and value != "":
@@ -294,14 +311,57 @@ def _convert(spec: SettingSpec, value: str) -> str | int:
     return value
 
 
+def read_lines(text: str) -> list[str]:
+    """The lines of `text` as systemd's read_line() splits them: at \\n, \\r and NUL, where
+    \\r\\n, \\n\\r and a NUL right after them count as one end of line; never at \\f, \\v or
+    U+2028 (str.splitlines() would)."""
+    lines = _EOL.split(text)
+    if lines and lines[-1] == "" and len(lines) > 1:
+        lines.pop()  # the text ended with an end of line
+    return [] if lines == [""] else lines
+
+
+_EOL = re.compile("\0|\n\r?\0?|\r\n?\0?")
+
+
+def _strip_comment(raw: str) -> str:
+    """A luksvm.conf line without an inline comment: white space, then # to the end."""
+    found = re.search(r"[ \t]+#", raw)
+    return raw[: found.start()] if found else raw
+
+
+def _nul_problems(text: str, path: str) -> list[Problem]:
+    """A NUL byte anywhere: systemd would end the line there; luksvm refuses the file."""
+    problems = []
+    if "\0" in text:
+        lineno, column = 1, 1
+        for char in text:
+            if char == "\0":
+                problems.append(
+                    Problem(
+                        Location(path, lineno, column),
+                        "a NUL byte; configuration files are text (remove it)",
+                    )
+                )
+                break
+            if char == "\n":
+                lineno, column = lineno + 1, 1
+            else:
+                column += 1
+    return problems
+
+
 def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
-    problems: list[Problem] = []
+    problems: list[Problem] = _nul_problems(text, path)
+    if problems:
+        return Settings(), problems
     values: dict[tuple[str, str], str | int] = {}
     seen: dict[tuple[str, str], Location] = {}
     section = ""
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        column = len(raw) - len(raw.lstrip()) + 1
+    for lineno, whole in enumerate(read_lines(text), start=1):
+        raw = whole if whole.lstrip(WHITESPACE)[:1] in ("#", ";") else _strip_comment(whole)
+        line = raw.strip(WHITESPACE)
+        column = len(raw) - len(raw.lstrip(WHITESPACE)) + 1
         if not line or line[0] in "#;":
             continue
         here = Location(path, lineno, column)
@@ -310,19 +370,23 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
                 problems.append(Problem(here, f"{line!r}: a section header ends with ]"))
                 section = "?"
                 continue
-            section = line[1:-1].strip()
+            section = line[1:-1].strip(WHITESPACE)
             known = {s.section for s in SETTINGS}
             if section.startswith("guest:"):
                 name = section[len("guest:") :]
                 if not GUEST_NAME.match(name):
                     problems.append(
-                        Problem(here, f"[{section}]: {name!r} is not a valid guest name")
+                        Problem(
+                            here,
+                            f"[guest:…]: {name!r} is not a valid guest name (no white space, "
+                            "'/' or ',', and not starting with -)",
+                        )
                     )
             elif section not in known:
                 problems.append(
                     Problem(
                         here,
-                        f"unknown section [{section}]; expected one of "
+                        f"unknown section [{_shown(section)}]; expected one of "
                         + ", ".join(f"[{s}]" for s in sorted(known - {"guest:NAME"}))
                         + " or [guest:NAME]",
                     )
@@ -330,27 +394,34 @@ def parse_settings(text: str, path: str) -> tuple[Settings, list[Problem]]:
                 section = "?"
             continue
         key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
+        key, value = key.strip(WHITESPACE), value.strip(WHITESPACE)
         if not sep or not key:
             problems.append(Problem(here, f"{line!r}: expected key = value"))
             continue
         if section == "?":
             continue  # already reported the section
         if not section:
-            problems.append(Problem(here, f"{key} = … stands before any [section]"))
+            problems.append(Problem(here, f"{key!r} = … stands before any [section]"))
             continue
         spec = _settings_spec(section, key)
         if spec is None:
             keys = [s.key for s in SETTINGS if s.section == _generic(section)]
             problems.append(
-                Problem(here, f"unknown setting {key!r} in [{section}]; known: {', '.join(keys)}")
+                Problem(
+                    here,
+                    f"unknown setting {key!r} in [{_shown(section)}]; known: {', '.join(keys)}",
+                )
             )
             continue
         equals = raw.index("=")
-        value_column = equals + 2 + len(raw[equals + 1 :]) - len(raw[equals + 1 :].lstrip())
+        after = raw[equals + 1 :]
+        value_column = equals + 2 + len(after) - len(after.lstrip(WHITESPACE))
         if (section, key) in seen:
             problems.append(
-                Problem(here, f"{key} set again in [{section}] (first at {seen[section, key]})")
+                Problem(
+                    here,
+                    f"{key} set again in [{_shown(section)}] (first at {seen[section, key]})",
+                )
             )
             continue
         seen[section, key] = here
@@ -417,26 +488,73 @@ def _tokens(text: str, start_column: int, separator: str) -> Iterator[_Token]:
         column += len(part) + len(separator)
 
 
+def _shown(text: str, *, quote: bool = False) -> str:
+    """`text` for a message that must stay one line: as it is (in double quotes with quote=True)
+    when printable, else Python's escaped repr."""
+    if text.isprintable():
+        return f'"{text}"' if quote else text
+    return repr(text)
+
+
+def path_problem(path: str) -> str:
+    """What makes `path` unusable in a unit (systemd refuses it, or it names no file), or ""."""
+    if not path.startswith("/"):
+        return f"{path!r} is a relative path; write an absolute path"
+    if re.search(r"[\x00-\x1f\x7f]", path):
+        return f"{path!r} has a control character"
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return f"{path!r} has a .. component; write the path without it"
+    long = [part for part in parts if len(part.encode()) > NAME_MAX]
+    if long:
+        return (
+            f"{path!r} has a component of {len(long[0].encode())} bytes; a file name has at "
+            f"most {NAME_MAX}"
+        )
+    if len(path.encode()) >= PATH_MAX:
+        return f"{path!r} is {len(path.encode())} bytes long; a path has fewer than {PATH_MAX}"
+    return ""
+
+
+def _is_noncharacter(char: str) -> bool:
+    code = ord(char)
+    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
+
+
 def udev_escape(value: str) -> str:
-    """Escape a tag value the way udev names /dev/disk/by-* links (\\xNN for unsafe bytes)."""
+    """A tag value as systemd's generator names its /dev/disk/by-* link (encode_devnode_name()):
+    valid multi-byte UTF-8 characters as they are, every other byte outside [A-Za-z0-9#+-.:=@_]
+    (and every backslash) as \\xNN."""
     out = []
     for char in value:
-        if (char.isalnum() and char.isascii()) or char in "#+-.:=@_":
+        if (
+            (char.isascii() and char.isalnum())
+            or char in "#+-.:=@_"
+            or (not char.isascii() and not _is_noncharacter(char))
+        ):
             out.append(char)
         else:
             out.extend(f"\\x{byte:02x}" for byte in char.encode())
     return "".join(out)
 
 
+def _unquote(value: str) -> str:
+    """systemd's unquote(value, QUOTES): one pair of matching outer quotes removed."""
+    if len(value) >= 2 and value[0] in "'\"" and value[-1] == value[0]:
+        return value[1:-1]
+    return value
+
+
 def resolve_source(source: str) -> str | None:
-    """The device path a crypttab source names, as systemd's generator resolves it; None if bad."""
+    """The device path a crypttab source names, byte for byte as systemd's generator resolves it
+    (fstab_node_to_udev_node()); None if it names none."""
     if source.startswith("/"):
         return source
     tag, sep, value = source.partition("=")
-    if sep and tag in SOURCE_TAGS and value:
-        if tag in ("UUID", "PARTUUID"):
-            value = value.lower()
-        return f"/dev/disk/{SOURCE_TAGS[tag]}/{udev_escape(value)}"
+    if sep and tag in SOURCE_TAGS:
+        value = _unquote(value)
+        if value:
+            return f"/dev/disk/{SOURCE_TAGS[tag]}/{udev_escape(value)}"
     return None
 
 
@@ -453,30 +571,48 @@ def _parse_key(token: _Token, here: Location, problems: list[Problem]) -> Key:
                 )
             )
         return Key("keyring", service=service, user=user)
-    if text.startswith("/"):
-        if ":" in text:
-            problems.append(
-                Problem(
-                    here,
-                    f"key {text!r}: a keyfile on another device is not supported; copy the key "
-                    f"into {KEYS_DIR}/ (root-owned, mode 0400)",
-                )
+    keyfile, device = _split_keyspec(text)
+    if device:
+        name = _shown(os.path.basename(keyfile)) or "NAME.key"
+        problems.append(
+            Problem(
+                here,
+                f"key {text!r} is keyfile {keyfile!r} on device {_shown(device)}; a keyfile on "
+                f"another device is not supported by luksvm (it would have to mount that device at "
+                f"boot): copy the key to {KEYS_DIR}/{name} (root-owned, mode 0400) and write "
+                f"that path",
             )
+        )
+        return Key("file", path=keyfile)
+    if text.startswith("/"):
+        problem = path_problem(text)
+        if problem:
+            problems.append(Problem(here, f"key {problem}"))
         return Key("file", path=text)
     problems.append(
         Problem(
             here,
-            f'key "{text}" is a relative path; write an absolute path such as '
-            f"{KEYS_DIR}/{os.path.basename(text) or 'NAME.key'}, or - to ask for a passphrase",
+            f"key {_shown(text, quote=True)} is a relative path; write an absolute path such as "
+            f"{KEYS_DIR}/{_shown(os.path.basename(text)) or 'NAME.key'}, or - to ask for a "
+            "passphrase",
         )
     )
     return Key("file", path=text)
 
 
+def _split_keyspec(text: str) -> tuple[str, str]:
+    """KEYFILE:DEVICE as systemd's generator splits a key field (split_keyspec()): at the last
+    colon, when what follows names a device; (text, "") otherwise."""
+    keyfile, sep, device = text.rpartition(":")
+    if sep and (resolve_source(device) or "").startswith("/"):
+        return keyfile, device
+    return text, ""
+
+
 def _parse_options(
     token: _Token, path: str, lineno: int, problems: list[Problem]
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    options: list[str] = []
+) -> tuple[tuple[_Token, ...], tuple[str, ...]]:
+    options: list[_Token] = []
     guests: list[str] = []
     for option in _tokens(token.text, token.column, ","):
         here = Location(path, lineno, option.column)
@@ -498,7 +634,7 @@ def _parse_options(
                     Problem(
                         here,
                         f"{option.text!r}: expected {LUKSVM_PREFIX}guest=NAME with a libvirt "
-                        "domain name (no white space, '/' or ',')",
+                        "domain name (no white space, '/' or ',', not starting with -)",
                     )
                 )
             elif value in guests:
@@ -513,12 +649,20 @@ def _parse_options(
                     "use; remove it (keys come from the key field: a keyfile, - or keyring:)",
                 )
             )
-        elif name in NOT_LUKS_OPTIONS:
-            problems.append(
-                Problem(here, f"option {name!r}: luksvm manages LUKS volumes only; use luks")
-            )
+        elif name in crypttab_options.NOT_SUPPORTED:
+            why = crypttab_options.NOT_SUPPORTED[name]
+            problems.append(Problem(here, f"option {name!r} is not supported by luksvm: {why}"))
         elif name in STANDARD_OPTIONS:
-            options.append(option.text)
+            problem = crypttab_options.check_option(option.text)
+            if not problem and "\\" in option.text:
+                problem = (
+                    f"{option.text!r} has a backslash; systemd reads \\, as an escaped comma "
+                    "and luksvm does not: write the value without backslashes"
+                )
+            if problem:
+                problems.append(Problem(here, problem))
+            else:
+                options.append(option)
         else:
             problems.append(
                 Problem(
@@ -530,15 +674,34 @@ def _parse_options(
     return tuple(options), tuple(guests)
 
 
+def _fields(line: str) -> list[_Token]:
+    """The white-space separated fields of a crypttab line, as sscanf("%ms") splits them."""
+    return [
+        _Token(m.group(), m.start() + 1)
+        for m in re.finditer(f"[^{re.escape(FIELD_SEPARATORS)}]+", line)
+    ]
+
+
 def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
     volumes: list[Volume] = []
-    problems: list[Problem] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
+    problems: list[Problem] = _nul_problems(text, path)
+    if problems:
+        return volumes, problems
+    for lineno, raw in enumerate(read_lines(text), start=1):
+        stripped = raw.strip(WHITESPACE)
         if not stripped or stripped.startswith("#"):
             continue
-        fields = [_Token(m.group(), m.start() + 1) for m in re.finditer(r"\S+", raw)]
-        first = Location(path, lineno, fields[0].column)
+        if len(raw.encode()) >= LONG_LINE_MAX:
+            problems.append(
+                Problem(
+                    Location(path, lineno),
+                    f"line of {len(raw.encode())} bytes; systemd reads lines of less than "
+                    f"{LONG_LINE_MAX} bytes",
+                )
+            )
+            continue
+        fields = _fields(raw)
+        first = Location(path, lineno, fields[0].column if fields else 1)
         if len(fields) < 2 or len(fields) > 4:
             problems.append(
                 Problem(
@@ -554,30 +717,59 @@ def parse_crypttab(text: str, path: str) -> tuple[list[Volume], list[Problem]]:
                 Problem(
                     first,
                     f"mapping name {name.text!r} is not valid; use letters, digits and "
-                    "#+-.:=@_ (at most 127 characters)",
+                    "#+-.:=@_ (at most 127 characters, not starting with -)",
                 )
             )
         device = resolve_source(source.text)
+        source_at = Location(path, lineno, source.column)
         if device is None:
             problems.append(
                 Problem(
-                    Location(path, lineno, source.column),
+                    source_at,
                     f"source {source.text!r}: expected an absolute device path or "
                     "UUID=, PARTUUID=, LABEL=, PARTLABEL=",
                 )
             )
+        else:
+            problem = path_problem(device) or _device_unit_problem(device)
+            if problem:
+                problems.append(Problem(source_at, f"source {source.text!r}: {problem}"))
+                device = None
         key_token = fields[2] if len(fields) > 2 else _Token("-", 0)
         key = _parse_key(key_token, Location(path, lineno, key_token.column), problems)
-        options: tuple[str, ...] = ()
+        options: tuple[_Token, ...] = ()
         guests: tuple[str, ...] = ()
         if len(fields) > 3:
             options, guests = _parse_options(fields[3], path, lineno, problems)
-        volumes.append(Volume(name.text, source.text, device or "", key, options, guests, first))
+        volumes.append(
+            Volume(
+                name.text,
+                source.text,
+                device or "",
+                key,
+                tuple(o.text for o in options),
+                guests,
+                first,
+                tuple(o.column for o in options),
+            )
+        )
     return volumes, problems
 
 
+def _device_unit_problem(device: str) -> str:
+    """What stops systemd naming the device unit of `device`, or ""."""
+    from luksvm import units  # units renders from the configuration: imported when needed
+
+    try:
+        units.device_unit(device)
+    except UsageError as error:
+        return str(error)
+    return ""
+
+
 def fragment_paths(root: str) -> list[str]:
-    """*.conf in ROOT/etc/luksvm/crypttab.d in lexical order, like systemd's .d directories."""
+    """*.conf in ROOT/etc/luksvm/crypttab.d in lexical order, like systemd's .d directories;
+    OSError when the folder exists but cannot be listed (not a folder, a symlink loop …)."""
     directory = os.path.join(root, CRYPTTAB_DIR)
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".conf"))
@@ -586,10 +778,42 @@ def fragment_paths(root: str) -> list[str]:
     return [os.path.join(directory, n) for n in names]
 
 
+# Configuration files are small; a bigger "file" is a mistake (a device, a log) and is refused.
+MAX_FILE_SIZE = 16 * 1024 * 1024
+_FILE_TYPES = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def read_text_file(path: str) -> str:
+    """A configuration file's text. Never blocks: opened with O_NONBLOCK, and anything but a
+    regular file is refused before reading. OSError (strerror says why) or UnicodeDecodeError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_TYPES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
+        if info.st_size > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes; a configuration file is smaller")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
 def _read(path: str, problems: list[Problem]) -> str | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_text_file(path)
     except UnicodeDecodeError as error:
         problems.append(Problem(Location(path, 1), f"not UTF-8 text ({error.reason})"))
     except OSError as error:
@@ -628,6 +852,7 @@ def build(
         kept.append(volume)
     guest_volumes: dict[str, list[str]] = {}
     for volume in kept:
+        _check_unit_names(volume, problems)
         for guest in volume.guests:
             guest_volumes.setdefault(guest, []).append(volume.name)
     for name, _ in settings.guest_overrides:
@@ -635,8 +860,8 @@ def build(
             problems.append(
                 Problem(
                     Location(settings_path, 1),
-                    f"[guest:{name}] has settings but no volume names it; add "
-                    f"x-luksvm.guest={name} to its volumes' options or remove the section",
+                    f"[guest:{_shown(name)}] has settings but no volume names it; add "
+                    f"x-luksvm.guest={_shown(name)} to its volumes' options or remove the section",
                 )
             )
     guests = [
@@ -645,6 +870,30 @@ def build(
     ]
     guests.sort(key=lambda g: g.policy.order)  # stable: config order within one order value
     return tuple(kept), tuple(guests)
+
+
+def _check_unit_names(volume: Volume, problems: list[Problem]) -> None:
+    """The units named after the volume and its guests must fit systemd's name limit."""
+    from luksvm import units  # units renders from the configuration: imported when needed
+
+    for make, name in [(units.unlock_unit, volume.name)] + [
+        (units.guest_unit, guest) for guest in volume.guests
+    ]:
+        try:
+            make(name)
+        except UsageError as error:
+            problems.append(Problem(volume.where, str(error)))
+
+
+def _root_problem(root: str) -> Problem | None:
+    """--root must name an existing folder: a typo must not read as "no volumes"."""
+    try:
+        info = os.stat(root)
+    except OSError as error:
+        return Problem(Location(root, 1), f"cannot use --root {root}: {error.strerror}")
+    if not stat.S_ISDIR(info.st_mode):
+        return Problem(Location(root, 1), f"cannot use --root {root}: not a folder")
+    return None
 
 
 def load(root: str = "/") -> Config:
@@ -660,7 +909,15 @@ def read(root: str = "/") -> tuple[Config, list[Problem]]:
     the problems and still checks the volumes that did parse)."""
     problems: list[Problem] = []
     volumes: list[Volume] = []
-    files = fragment_paths(root)
+    bad_root = _root_problem(root)
+    if bad_root is not None:
+        return Config(os.path.abspath(root), (), (), Settings(), ()), [bad_root]
+    try:
+        files = fragment_paths(root)
+    except OSError as error:
+        directory = os.path.join(root, CRYPTTAB_DIR)
+        problems.append(Problem(Location(directory, 1), f"cannot list: {error.strerror}"))
+        files = []
     for path in files:
         text = _read(path, problems)
         if text is not None:
@@ -669,7 +926,7 @@ def read(root: str = "/") -> tuple[Config, list[Problem]]:
             problems.extend(more)
     settings_path = os.path.join(root, SETTINGS_FILE)
     settings = Settings()
-    if os.path.exists(settings_path):
+    if os.path.lexists(settings_path):
         text = _read(settings_path, problems)
         if text is not None:
             settings, more = parse_settings(text, settings_path)
@@ -677,6 +934,29 @@ def read(root: str = "/") -> tuple[Config, list[Problem]]:
         files.append(settings_path)
     kept, guests = build(volumes, settings, settings_path, problems)
     return Config(os.path.abspath(root), kept, guests, settings, tuple(files)), problems
+
+
+def option_warnings(config: Config, systemd_version: int | None) -> list[Problem]:
+    """Options the installed systemd-cryptsetup (of `systemd_version`) does not know yet: it would
+    ignore them. None (the version cannot be told): no warnings."""
+    if systemd_version is None:
+        return []
+    warnings = []
+    for volume in config.volumes:
+        columns = volume.option_columns or (volume.where.column,) * len(volume.options)
+        for option, column in zip(volume.options, columns):
+            spec = crypttab_options.OPTIONS.get(option.partition("=")[0])
+            # the generator's options are luksvm's to implement: its units do, on any systemd
+            if spec is not None and not spec.generator and spec.since > systemd_version:
+                name = spec.name + ("=" if spec.form == "value" else "")
+                warnings.append(
+                    Problem(
+                        Location(volume.where.path, volume.where.line, column),
+                        f"{name} needs systemd {spec.since}; this host has systemd "
+                        f"{systemd_version}, whose systemd-cryptsetup ignores it",
+                    )
+                )
+    return warnings
 
 
 def describe(config: Config) -> dict[str, object]:

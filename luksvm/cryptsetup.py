@@ -320,12 +320,14 @@ def attach_argv(
 
 
 def open_argv(
-    device: str, name: str, options: Sequence[str], key_file: str = ""
+    device: str, name: str, options: Sequence[str], key_file: str = "", *, keyring: bool = False
 ) -> tuple[str, ...]:
     """`cryptsetup open` for a LUKS device with crypttab(5) `options` translated to flags.
 
     key_file "-" reads the key from stdin, "" asks for a passphrase on the terminal. An option
     cryptsetup cannot carry out (tokens, keyfile-erase, …) is refused rather than dropped.
+    keyring: the key comes from python keyring (cryptsetup open is used whether or not
+    systemd-cryptsetup is installed).
     """
     argv = ["cryptsetup", "open", "--type", "luks"]
     for option in options:
@@ -337,6 +339,13 @@ def open_argv(
             argv += [OPEN_VALUES[key], value]
         elif key == "timeout" and sep:
             argv += ["--timeout", str(_seconds(value))]
+        elif key not in OPEN_IGNORES and keyring:
+            raise LuksvmError(
+                f"{name}: option {option!r} cannot be used with a keyring: key: luksvm hands "
+                "that key to cryptsetup open, which has no token support",
+                fix="give the volume a keyfile or - as its key (systemd-cryptsetup then handles "
+                "the option), or remove the option",
+            )
         elif key not in OPEN_IGNORES:
             raise LuksvmError(
                 f"{name}: option {option!r} needs systemd-cryptsetup, which this machine lacks "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from luksvm.errors import LuksvmError
+
 
 def fsync(path: str) -> None:
     """Flush a file, or a directory's entries (a rename is durable only once its directory is)."""
@@ -14,6 +16,32 @@ def fsync(path: str) -> None:
         os.close(fd)
 
 
+def blocker(path: str) -> str:
+    """The first of `path` and its parents that exists and is not a folder, or ""."""
+    current = os.path.abspath(path)
+    while True:
+        if os.path.lexists(current) and not os.path.isdir(current):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return ""
+        current = parent
+
+
+def ensure_folder(path: str, mode: int = 0o700) -> None:
+    """Create folder `path` (and its parents) when missing; LuksvmError naming what stands in the
+    way when a regular file (or anything else) is there instead."""
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as error:
+        found = blocker(path)
+        reason = f"{found} is not a folder" if found else error.strerror
+        raise LuksvmError(
+            f"cannot make the folder {path}: {reason}",
+            fix="move it out of the way (luksvm keeps its state there)",
+        ) from None
+
+
 def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
     """Replace `path` with `text` so that a crash leaves the old or the new file, never a part.
 
@@ -21,7 +49,7 @@ def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
     in .tmp, next to the final name.
     """
     directory, name = os.path.split(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    ensure_folder(directory)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:

@@ -25,6 +25,7 @@ MESSAGE_IDS = {
     "guest-timeout": "e4a6c8e0b2d44f6a8c0e2b4d6f8a0c2e",
     "guest-start-refused": "50f7e0f532e64804b517c8081724a86c",
     "header-backup": "5d7f9b1d3f5a4c7e9b1d3f5a7c9e1b3d",
+    "volume-grown": "965931c84545415299954d547d021dec",
 }
 
 log = logging.getLogger("luksvm")

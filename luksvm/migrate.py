@@ -736,6 +736,11 @@ def states_of(root: str, guest: str) -> list[State]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    except OSError as error:
+        raise LuksvmError(
+            f"cannot read migration records in {directory}: {error.strerror}",
+            fix="it must be a folder: move what is there out of the way",
+        ) from None
     found = [
         State.load(os.path.join(directory, n))
         for n in sorted(names)

@@ -24,38 +24,35 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Literal
 
-from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes
+from luksvm import blockdev, config, cryptsetup, devmapper, extfs, lvm, sizes, stack
 from luksvm.blockdev import Partition
 from luksvm.cryptsetup import LuksHeader
 from luksvm.errors import LuksvmError, UsageError
 from luksvm.extfs import ExtFilesystem
 from luksvm.lvm import PvSegment, VgLayout
 from luksvm.run import run
-from luksvm.sizes import SECTOR, MiB, human
+from luksvm.sizes import SECTOR, human
+from luksvm.stack import (
+    BOOKKEEPING,
+    PARTITION_ALIGNMENT,
+    Check,
+    Container,
+    HostLv,
+    Step,
+    describe_blocks,
+    describe_extents,
+    describe_sectors,
+    numbered,
+)
 
 log = logging.getLogger("luksvm.shrink")
 
 DEFAULT_MARGIN_PERCENT = 25  # free space above resize2fs's minimum, as a share of the used blocks
-PARTITION_ALIGNMENT = MiB  # partition ends are aligned so the next partition can start aligned
 
 
 # --- what the planner reads ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostLv:
-    """The LUKS container when it is an LV of the host's own VG."""
-
-    path: str
-    vg: str
-    lv: str
-    size: int  # bytes
-    extent_size: int  # of the host VG
-
-
-Container = Union[Partition, HostLv]
 
 
 @dataclass(frozen=True)
@@ -77,41 +74,10 @@ class Layout:
 
     @property
     def container_size(self) -> int:
-        if isinstance(self.container, Partition):
-            return self.container.size_bytes
-        return self.container.size
+        return stack.container_size(self.container)
 
 
 # --- what the planner returns --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Check:
-    """What must be true after a step, measurable on the devices.
-
-    kind: fsck (exit status 0), file (exists, `expected` bytes), header_backup (1: the file reads
-    back as the container's LUKS header, see backup.header_differences), fs_blocks, lv_size (bytes),
-    pv_extents, pv_dev_size (bytes), segment (PEs `expected`… hold LEs args[1]… of LV args[0]),
-    mapping_size (512-byte sectors), partition_size (LBAs in the table), kernel_size (bytes)."""
-
-    kind: str
-    subject: str
-    expected: int
-    text: str
-    args: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Step:
-    number: int
-    title: str
-    argv: tuple[str, ...]
-    check: Check
-    sizes: tuple[str, ...] = ()  # every size the step involves, in bytes and in the tool's unit
-    stdin: str = ""  # text fed on stdin (sfdisk's script); never a secret
-    needs_key: bool = False  # the LUKS key goes on stdin (cryptsetup resize on LUKS2)
-    always: bool = False  # run even when the check already holds (backups, fsck)
-    timeout: float = 24 * 3600  # moves and fsck of large volumes take hours
 
 
 @dataclass(frozen=True)
@@ -166,9 +132,6 @@ class Plan:
     def nothing_to_do(self) -> bool:
         """Only backups and checks left: every layer already has its planned size."""
         return all(step.check.kind in BOOKKEEPING for step in self.steps)
-
-
-BOOKKEEPING = frozenset({"file", "header_backup", "fsck"})  # checks of steps that change no layer
 
 
 class PlanRefused(LuksvmError):
@@ -285,19 +248,15 @@ def pack_moves(segments: Sequence[PvSegment], new_end: int) -> list[Move]:
     return moves
 
 
-def _container_target(layout: Layout, minimum: int) -> tuple[int, int]:
+def _container_target(container: Container, minimum: int) -> tuple[int, int]:
     """(bytes, last LBA) of the smallest aligned container holding `minimum` bytes, never larger
     than it is now. For a host LV the last LBA is -1."""
-    container = layout.container
     if isinstance(container, Partition):
-        lba = container.sector_size
-        align = max(1, PARTITION_ALIGNMENT // lba)
-        needed = sizes.ceil_div(minimum, lba)
-        end = sizes.round_up(container.start + needed, align) - 1
-        end = min(end, container.end)
-        return (end - container.start + 1) * lba, end
-    size = min(sizes.round_up(minimum, container.extent_size), container.size)
-    return size, -1
+        size, end = stack.partition_for(container, minimum)
+        if end > container.end:
+            return container.size_bytes, container.end
+        return size, end
+    return min(stack.host_lv_for(container, minimum), container.size), -1
 
 
 def plan(
@@ -334,10 +293,10 @@ def plan(
 
     after = segments_after_reduce(vg.segments, lv.name, lv_extents)
     allocated = sum(s.pe_count for s in after if s.lv)
-    pv_min = pv.pe_start + allocated * ext + layout.end_mda
-    crypt_min = sizes.round_up(pv_min, luks.sector_size)
+    pv_min = stack.pv_size_for(pv.pe_start, allocated, ext, layout.end_mda)
+    crypt_min = stack.mapping_size_for(pv_min, luks.sector_size)
     container_min = luks.data_offset + crypt_min
-    container_size, partition_end = _container_target(layout, container_min)
+    container_size, partition_end = _container_target(layout.container, container_min)
     if luks.data_offset + layout.mapping_size > layout.container_size:
         raise PlanRefused(
             f"the LUKS mapping {layout.mapping_name} ({layout.mapping_size:,} B from offset "
@@ -346,8 +305,8 @@ def plan(
             "the container back to its old size (the LUKS header and LVM metadata backups "
             "name it) before anything else"
         )
-    crypt_final = sizes.round_down(container_size - luks.data_offset, luks.sector_size)
-    pv_final = (crypt_final - pv.pe_start - layout.end_mda) // ext
+    crypt_final = stack.mapping_fill(container_size, luks.data_offset, luks.sector_size)
+    pv_final = stack.pv_fill(crypt_final, pv.pe_start, layout.end_mda, ext)
     shrink_container = container_size < layout.container_size
     # An interrupted run may have left the container shrunk and the mapping or PV not grown back.
     lower_changes = (
@@ -382,22 +341,10 @@ def plan(
         lv=lv.name,
         targets=targets,
         moves=tuple(moves),
-        steps=tuple(steps),
+        steps=steps,
         layers=_layers(layout, targets),
         notes=_notes(layout, targets, margin_percent),
     )
-
-
-def _blocks(count: int, block_size: int) -> str:
-    return f"{count:,} blocks × {block_size:,} B = {human(count * block_size)}"
-
-
-def _extents(count: int, extent_size: int) -> str:
-    return f"{count:,} extents × {extent_size:,} B = {human(count * extent_size)}"
-
-
-def _sectors(count: int) -> str:
-    return f"{count:,} sectors × 512 B = {human(count * SECTOR)}"
 
 
 def _steps(
@@ -408,238 +355,223 @@ def _steps(
     backup_dir: str,
     shrink_container: bool,
     lower_changes: bool,
-) -> list[Step]:
-    vg, fs, luks, pv = layout.vg, layout.filesystem, layout.luks, layout.vg.pvs[0]
-    ext = vg.extent_size
-    lv_name = f"{vg.name}/{layout.lv}"
-    on_pv = ("--devices", layout.pv_device)  # LVM looks at this device alone (a guest's VG)
-    fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
-    key_opt = ("--key-file=-",) if luks.version == 2 else ()  # LUKS2 resize asks for the key
-    lv = vg.lv(layout.lv)
-    assert lv is not None
-    drafts: list[tuple[str, tuple[str, ...], Check, tuple[str, ...], dict[str, object]]] = []
-
-    def add(
-        title: str,
-        argv: Sequence[str],
-        check: Check,
-        sizes_: Sequence[str] = (),
-        **extra: object,
-    ) -> None:
-        drafts.append((title, tuple(argv), check, tuple(sizes_), extra))
-
-    header_file = f"{backup_dir}/luks-header-{luks.uuid}.img"
-    add(
-        "back up the LUKS header",
-        ["cryptsetup", "luksHeaderBackup", luks.device, "--header-backup-file", header_file],
-        # Not a size check: LUKS1 saves up to its last keyslot's end (4,040 sectors with a 512-bit
-        # key), short of the payload offset; LUKS2 its metadata and keyslot area.
-        Check("header_backup", header_file, 1, f"{header_file} reads back as header {luks.uuid}"),
-        [f"header area: {human(luks.data_offset)}"],
-        timeout=120,
-    )
-    vg_file = f"{backup_dir}/{vg.name}.vg"
-    add(
-        f"back up the LVM metadata of VG {vg.name}",
-        ["vgcfgbackup", *on_pv, "-f", vg_file, vg.name],
-        Check("file", vg_file, 0, f"{vg_file} exists"),
-        timeout=120,
-    )
-    host = layout.container if isinstance(layout.container, HostLv) else None
-    if host is not None and shrink_container:
-        host_file = f"{backup_dir}/{host.vg}.vg"
-        add(
-            f"back up the LVM metadata of host VG {host.vg}",
-            ["vgcfgbackup", "-f", host_file, host.vg],
-            Check("file", host_file, 0, f"{host_file} exists"),
-            timeout=120,
-        )
-
-    def fsck(when: str) -> None:
-        add(
-            f"check the filesystem {when}",
-            ["e2fsck", "-f", "-p", layout.lv_path],
-            Check("fsck", layout.lv_path, 0, "e2fsck exits 0 (clean, nothing changed)"),
-            always=True,
-        )
-
+) -> tuple[Step, ...]:
+    """Every step in order, from typed phase functions (each returns unnumbered steps)."""
+    lv = layout.vg.lv(layout.lv)
+    assert lv is not None  # refuse_unsupported checked it
+    fs = layout.filesystem
     fs_changes = fs.block_count != t.fs_blocks
-    if fs_changes or lv.size != t.lv_size:
-        fsck("before")
+    lv_changes = fs_changes or lv.size != t.lv_size
+    steps = _backup_steps(layout, backup_dir, host_vg_too=shrink_container)
+    if lv_changes:
+        steps.append(_fsck_step(layout, "before"))
     if fs_changes:
-        add(
-            f"shrink the filesystem to {human(t.fs_blocks * fs.block_size)}",
-            ["resize2fs", layout.lv_path, str(t.fs_blocks)],
-            Check(
-                "fs_blocks",
-                layout.lv_path,
-                t.fs_blocks,
-                f"dumpe2fs: block count {t.fs_blocks:,}",
-            ),
-            [
-                f"before: {_blocks(fs.block_count, fs.block_size)}",
-                f"after: {_blocks(t.fs_blocks, fs.block_size)} (resize2fs reads blocks)",
-                f"required: {_blocks(t.fs_required_blocks, fs.block_size)}",
-            ],
-        )
-        fsck("after resize2fs")
+        steps += [_shrink_fs_step(layout, t), _fsck_step(layout, "after resize2fs")]
     if lv.size != t.lv_size:
-        add(
-            f"shrink LV {lv_name} to {human(t.lv_size)}",
-            ["lvreduce", *on_pv, "--yes", *fs_opt, "-L", f"{t.lv_size}b", lv_name],
-            Check("lv_size", lv_name, t.lv_size, f"lvs: {lv_name} is {t.lv_size:,} B"),
-            [
-                f"before: {_extents(lv.size // ext, ext)}",
-                f"after: {_extents(t.lv_extents, ext)} (-L {t.lv_size}b)",
-            ],
-        )
-    for move in moves:
-        src = f"{layout.pv_device}:{move.source}-{move.source + move.count - 1}"
-        dst = f"{layout.pv_device}:{move.target}-{move.target + move.count - 1}"
-        add(
-            f"move {move.count:,} extents of {move.lv} (LE {move.le_start:,}…) below PE "
-            f"{t.allocated_extents:,}",
-            ["pvmove", *on_pv, "--alloc", "anywhere", "-n", move.lv, src, dst],
-            Check(
-                "segment",
-                layout.pv_device,
-                move.target,
-                f"pvs --segments: PE {move.target:,}-{move.target + move.count - 1:,} hold "
-                f"{move.lv} LE {move.le_start:,}-{move.le_start + move.count - 1:,}",
-                (move.lv, str(move.le_start), str(move.count)),
-            ),
-            [f"{_extents(move.count, ext)}: PE {move.source:,} → PE {move.target:,}"],
-        )
-    pe_now = pv.size // ext
+        steps.append(_lvreduce_step(layout, t))
+    steps += [_move_step(layout, t, move) for move in moves]
     if shrink_container:
-        if pe_now != t.allocated_extents:
-            add(
+        steps += _shrink_lower_steps(layout, t)
+    if lower_changes:
+        steps += _fill_lower_steps(layout, t)
+    if lv_changes:
+        steps += [_fill_fs_step(layout, t), _fsck_step(layout, "at the end")]
+    return numbered(steps)
+
+
+def _on_pv(layout: Layout) -> tuple[str, ...]:
+    """LVM looks at the mapping alone (a guest's VG must not be looked for anywhere else)."""
+    return ("--devices", layout.pv_device)
+
+
+def _key_option(luks: LuksHeader) -> tuple[str, ...]:
+    return ("--key-file=-",) if luks.version == 2 else ()  # LUKS2 resize asks for the key
+
+
+def _backup_steps(layout: Layout, backup_dir: str, *, host_vg_too: bool) -> list[Step]:
+    luks, vg = layout.luks, layout.vg
+    header_file = f"{backup_dir}/luks-header-{luks.uuid}.img"
+    vg_file = f"{backup_dir}/{vg.name}.vg"
+    steps = [
+        Step(
+            0,
+            "back up the LUKS header",
+            ("cryptsetup", "luksHeaderBackup", luks.device, "--header-backup-file", header_file),
+            # Not a size check: LUKS1 saves up to its last keyslot's end (4,040 sectors with a
+            # 512-bit key), short of the payload offset; LUKS2 its metadata and keyslot area.
+            Check(
+                "header_backup", header_file, 1, f"{header_file} reads back as header {luks.uuid}"
+            ),
+            (f"header area: {human(luks.data_offset)}",),
+            timeout=120,
+        ),
+        Step(
+            0,
+            f"back up the LVM metadata of VG {vg.name}",
+            ("vgcfgbackup", *_on_pv(layout), "-f", vg_file, vg.name),
+            Check("file", vg_file, 0, f"{vg_file} exists"),
+            timeout=120,
+        ),
+    ]
+    host = layout.container
+    if host_vg_too and isinstance(host, HostLv):
+        steps.append(host_vg_backup_step(host.vg, f"{backup_dir}/{host.vg}.vg"))
+    return steps
+
+
+def host_vg_backup_step(vg: str, path: str) -> Step:
+    return Step(
+        0,
+        f"back up the LVM metadata of host VG {vg}",
+        ("vgcfgbackup", "-f", path, vg),
+        Check("file", path, 0, f"{path} exists"),
+        timeout=120,
+    )
+
+
+def _fsck_step(layout: Layout, when: str) -> Step:
+    return Step(
+        0,
+        f"check the filesystem {when}",
+        ("e2fsck", "-f", "-p", layout.lv_path),
+        Check("fsck", layout.lv_path, 0, "e2fsck exits 0 (clean, nothing changed)"),
+        always=True,
+    )
+
+
+def _shrink_fs_step(layout: Layout, t: Targets) -> Step:
+    fs = layout.filesystem
+    return Step(
+        0,
+        f"shrink the filesystem to {human(t.fs_blocks * fs.block_size)}",
+        ("resize2fs", layout.lv_path, str(t.fs_blocks)),
+        Check("fs_blocks", layout.lv_path, t.fs_blocks, f"dumpe2fs: block count {t.fs_blocks:,}"),
+        (
+            f"before: {describe_blocks(fs.block_count, fs.block_size)}",
+            f"after: {describe_blocks(t.fs_blocks, fs.block_size)} (resize2fs reads blocks)",
+            f"required: {describe_blocks(t.fs_required_blocks, fs.block_size)}",
+        ),
+    )
+
+
+def _lvreduce_step(layout: Layout, t: Targets) -> Step:
+    ext = layout.vg.extent_size
+    lv = layout.vg.lv(layout.lv)
+    assert lv is not None
+    name = f"{layout.vg.name}/{layout.lv}"
+    fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
+    return Step(
+        0,
+        f"shrink LV {name} to {human(t.lv_size)}",
+        ("lvreduce", *_on_pv(layout), "--yes", *fs_opt, "-L", f"{t.lv_size}b", name),
+        Check("lv_size", name, t.lv_size, f"lvs: {name} is {t.lv_size:,} B"),
+        (
+            f"before: {describe_extents(lv.size // ext, ext)}",
+            f"after: {describe_extents(t.lv_extents, ext)} (-L {t.lv_size}b)",
+        ),
+    )
+
+
+def _move_step(layout: Layout, t: Targets, move: Move) -> Step:
+    ext = layout.vg.extent_size
+    src = f"{layout.pv_device}:{move.source}-{move.source + move.count - 1}"
+    dst = f"{layout.pv_device}:{move.target}-{move.target + move.count - 1}"
+    return Step(
+        0,
+        f"move {move.count:,} extents of {move.lv} (LE {move.le_start:,}…) below PE "
+        f"{t.allocated_extents:,}",
+        ("pvmove", *_on_pv(layout), "--alloc", "anywhere", "-n", move.lv, src, dst),
+        Check(
+            "segment",
+            layout.pv_device,
+            move.target,
+            f"pvs --segments: PE {move.target:,}-{move.target + move.count - 1:,} hold "
+            f"{move.lv} LE {move.le_start:,}-{move.le_start + move.count - 1:,}",
+            (move.lv, str(move.le_start), str(move.count)),
+        ),
+        (f"{describe_extents(move.count, ext)}: PE {move.source:,} → PE {move.target:,}",),
+    )
+
+
+def _shrink_lower_steps(layout: Layout, t: Targets) -> list[Step]:
+    """PV to its allocated extents, the mapping to the PV, the container to the mapping."""
+    luks, pv, ext = layout.luks, layout.vg.pvs[0], layout.vg.extent_size
+    steps: list[Step] = []
+    pe_now = pv.size // ext
+    if pe_now != t.allocated_extents:
+        steps.append(
+            Step(
+                0,
                 f"shrink PV {layout.pv_device} to {t.allocated_extents:,} extents",
-                [
+                (
                     "pvresize",
-                    *on_pv,
+                    *_on_pv(layout),
                     "--yes",
                     "--setphysicalvolumesize",
                     f"{t.pv_min_size}b",
                     layout.pv_device,
-                ],
+                ),
                 Check(
                     "pv_extents",
                     layout.pv_device,
                     t.allocated_extents,
                     f"pvs: {t.allocated_extents:,} extents",
                 ),
-                [
-                    f"before: {_extents(pe_now, ext)}",
+                (
+                    f"before: {describe_extents(pe_now, ext)}",
                     f"after: {t.pv_min_size:,} B = pe_start {pv.pe_start:,} B + "
-                    f"{_extents(t.allocated_extents, ext)} + end metadata area "
+                    f"{describe_extents(t.allocated_extents, ext)} + end metadata area "
                     f"{layout.end_mda:,} B",
-                ],
+                ),
             )
-        add(
+        )
+    steps.append(
+        Step(
+            0,
             f"shrink the LUKS mapping {layout.mapping_name} to its PV",
-            [
+            (
                 "cryptsetup",
                 "resize",
-                *key_opt,
+                *_key_option(luks),
                 "--size",
                 str(t.crypt_min_sectors),
                 layout.mapping_name,
-            ],
+            ),
             Check(
                 "mapping_size",
                 layout.mapping_name,
                 t.crypt_min_sectors,
                 f"mapping is {t.crypt_min_sectors:,} sectors",
             ),
-            [
-                f"before: {_sectors(layout.mapping_size // SECTOR)}",
-                f"after: {_sectors(t.crypt_min_sectors)} (--size counts 512-byte sectors; "
-                f"a multiple of the {luks.sector_size:,} B encryption sector)",
-            ],
+            (
+                f"before: {describe_sectors(layout.mapping_size // SECTOR)}",
+                f"after: {describe_sectors(t.crypt_min_sectors)} (--size counts 512-byte "
+                f"sectors; a multiple of the {luks.sector_size:,} B encryption sector)",
+            ),
             needs_key=luks.version == 2,
         )
-        _add_container_steps(layout, t, add)
-    if lower_changes:
-        add(
-            f"grow the LUKS mapping {layout.mapping_name} to fill its container",
-            [
-                "cryptsetup",
-                "resize",
-                *key_opt,
-                "--size",
-                str(t.crypt_final_sectors),
-                layout.mapping_name,
-            ],
-            Check(
-                "mapping_size",
-                layout.mapping_name,
-                t.crypt_final_sectors,
-                f"mapping is {t.crypt_final_sectors:,} sectors",
-            ),
-            [
-                f"after: {_sectors(t.crypt_final_sectors)} = container "
-                f"{t.container_size:,} B - data offset {luks.data_offset:,} B"
-                + (
-                    f", rounded down to {luks.sector_size:,} B"
-                    if (t.container_size - luks.data_offset) % luks.sector_size
-                    else ""
-                )
-            ],
-            needs_key=luks.version == 2,
-        )
-        add(
-            f"grow PV {layout.pv_device} to fill the mapping",
-            ["pvresize", *on_pv, "--yes", layout.pv_device],
-            Check(
-                "pv_extents",
-                layout.pv_device,
-                t.pv_final_extents,
-                f"pvs: {t.pv_final_extents:,} extents",
-            ),
-            [f"after: {_extents(t.pv_final_extents, ext)}"],
-        )
-    if fs_changes or lv.size != t.lv_size:
-        add(
-            "grow the filesystem to fill the LV exactly",
-            ["resize2fs", layout.lv_path],
-            Check(
-                "fs_blocks",
-                layout.lv_path,
-                t.lv_size // fs.block_size,
-                f"dumpe2fs: block count {t.lv_size // fs.block_size:,}",
-            ),
-            [f"after: {_blocks(t.lv_size // fs.block_size, fs.block_size)}"],
-            always=True,
-        )
-        fsck("at the end")
-    steps: list[Step] = []
-    for number, (title, argv, check, sizes_, extra) in enumerate(drafts, start=1):
-        steps.append(
-            Step(
-                number=number,
-                title=title,
-                argv=argv,
-                check=check,
-                sizes=sizes_,
-                stdin=str(extra.get("stdin", "")),
-                needs_key=bool(extra.get("needs_key", False)),
-                always=bool(extra.get("always", False)),
-                timeout=float(extra.get("timeout", 24 * 3600)),  # type: ignore[arg-type]
-            )
-        )
+    )
+    container = layout.container
+    if isinstance(container, Partition):
+        steps += partition_steps(container, t.container_size, t.partition_end,
+                                 f"needs {t.container_min_size:,} B", verb="shrink")  # fmt: skip
+    else:
+        steps.append(_host_lv_reduce_step(layout, container, t))
     return steps
 
 
-def _add_container_steps(layout: Layout, t: Targets, add: _Add) -> None:
-    container = layout.container
-    if isinstance(container, Partition):
-        new_size = t.container_size // container.sector_size
-        lba = container.sector_size
-        add(
-            f"shrink partition {container.number} of {container.disk} to end at sector "
-            f"{t.partition_end:,}",
-            [
+def partition_steps(
+    part: Partition, new_bytes: int, new_end: int, why: str, *, verb: str
+) -> list[Step]:
+    """Rewrite the partition's end in its table (sfdisk, sectors), then tell the kernel through
+    BLKPG (partx --update): that works on a partition in use, which a re-read does not."""
+    lba = part.sector_size
+    new_size = new_bytes // lba
+    return [
+        Step(
+            0,
+            f"{verb} partition {part.number} of {part.disk} to end at sector {new_end:,}",
+            (
                 "sfdisk",
                 "--no-reread",
                 "--no-tell-kernel",
@@ -648,62 +580,111 @@ def _add_container_steps(layout: Layout, t: Targets, add: _Add) -> None:
                 "--wipe-partitions",
                 "never",
                 "-N",
-                str(container.number),
-                container.disk,
-            ],
+                str(part.number),
+                part.disk,
+            ),
             Check(
                 "partition_size",
-                container.path,
+                part.path,
                 new_size,
-                f"sfdisk --json: partition {container.number} is {new_size:,} sectors "
-                f"from {container.start:,}",
+                f"sfdisk --json: partition {part.number} is {new_size:,} sectors "
+                f"from {part.start:,}",
             ),
-            [
-                f"before: sectors {container.start:,}-{container.end:,} "
-                f"({container.size:,} × {lba} B = {human(container.size_bytes)})",
-                f"after: sectors {container.start:,}-{t.partition_end:,} "
-                f"({new_size:,} × {lba} B = {human(t.container_size)}); parted `unit s` end "
-                f"{t.partition_end}; needs {t.container_min_size:,} B, end aligned to "
-                f"{human(PARTITION_ALIGNMENT)}",
-            ],
-            stdin=f"{container.start},{new_size}\n",
-        )
-        add(
-            f"tell the kernel the new size of {container.path}",
-            ["partx", "--update", "--nr", str(container.number), container.disk],
+            (
+                f"before: sectors {part.start:,}-{part.end:,} "
+                f"({part.size:,} × {lba} B = {human(part.size_bytes)})",
+                f"after: sectors {part.start:,}-{new_end:,} "
+                f"({new_size:,} × {lba} B = {human(new_bytes)}); parted `unit s` end "
+                f"{new_end}; {why}, end aligned to {human(PARTITION_ALIGNMENT)}",
+            ),
+            stdin=f"{part.start},{new_size}\n",
+        ),
+        Step(
+            0,
+            f"tell the kernel the new size of {part.path}",
+            ("partx", "--update", "--nr", str(part.number), part.disk),
             Check(
                 "kernel_size",
-                container.path,
-                t.container_size,
-                f"the kernel sees {container.path} as {t.container_size:,} B",
+                part.path,
+                new_bytes,
+                f"the kernel sees {part.path} as {new_bytes:,} B",
             ),
             timeout=120,
-        )
-    else:
-        name = f"{container.vg}/{container.lv}"
-        fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
-        host_ext = container.extent_size
-        add(
-            f"shrink host LV {name} to {human(t.container_size)}",
-            ["lvreduce", "--yes", *fs_opt, "-L", f"{t.container_size}b", name],
-            Check("lv_size", name, t.container_size, f"lvs: {name} is {t.container_size:,} B"),
-            [
-                f"before: {_extents(container.size // host_ext, host_ext)}",
-                f"after: {_extents(t.container_size // host_ext, host_ext)}"
-                f" (-L {t.container_size}b); needs {t.container_min_size:,} B",
-            ],
-        )
+        ),
+    ]
 
 
-class _Add(Protocol):  # the signature of _steps' `add`, for typing _add_container_steps
-    def __call__(
-        self,
-        title: str,
-        argv: Sequence[str],
-        check: Check,
-        sizes_: Sequence[str] = (),
-        **extra: object,
-    ) -> None: ...
+def _host_lv_reduce_step(layout: Layout, host: HostLv, t: Targets) -> Step:
+    name = f"{host.vg}/{host.lv}"
+    fs_opt = ("--fs", "ignore") if layout.lvm_fs_option else ()
+    ext = host.extent_size
+    return Step(
+        0,
+        f"shrink host LV {name} to {human(t.container_size)}",
+        ("lvreduce", "--yes", *fs_opt, "-L", f"{t.container_size}b", name),
+        Check("lv_size", name, t.container_size, f"lvs: {name} is {t.container_size:,} B"),
+        (
+            f"before: {describe_extents(host.size // ext, ext)}",
+            f"after: {describe_extents(t.container_size // ext, ext)}"
+            f" (-L {t.container_size}b); needs {t.container_min_size:,} B",
+        ),
+    )
+
+
+def _fill_lower_steps(layout: Layout, t: Targets) -> list[Step]:
+    """The mapping grows back to fill its container, the PV to fill the mapping."""
+    luks, ext = layout.luks, layout.vg.extent_size
+    rounded = (t.container_size - luks.data_offset) % luks.sector_size
+    return [
+        mapping_resize_step(
+            layout.mapping_name,
+            luks,
+            t.crypt_final_sectors,
+            f"grow the LUKS mapping {layout.mapping_name} to fill its container",
+            f"after: {describe_sectors(t.crypt_final_sectors)} = container "
+            f"{t.container_size:,} B - data offset {luks.data_offset:,} B"
+            + (f", rounded down to {luks.sector_size:,} B" if rounded else ""),
+        ),
+        Step(
+            0,
+            f"grow PV {layout.pv_device} to fill the mapping",
+            ("pvresize", *_on_pv(layout), "--yes", layout.pv_device),
+            Check(
+                "pv_extents",
+                layout.pv_device,
+                t.pv_final_extents,
+                f"pvs: {t.pv_final_extents:,} extents",
+            ),
+            (f"after: {describe_extents(t.pv_final_extents, ext)}",),
+        ),
+    ]
+
+
+def mapping_resize_step(
+    mapping_name: str, luks: LuksHeader, sectors: int, title: str, why: str
+) -> Step:
+    """cryptsetup resize of an open mapping to exactly `sectors` 512-byte sectors."""
+    return Step(
+        0,
+        title,
+        ("cryptsetup", "resize", *_key_option(luks), "--size", str(sectors), mapping_name),
+        Check("mapping_size", mapping_name, sectors, f"mapping is {sectors:,} sectors"),
+        (why,),
+        needs_key=luks.version == 2,
+    )
+
+
+def _fill_fs_step(layout: Layout, t: Targets) -> Step:
+    fs = layout.filesystem
+    blocks = t.lv_size // fs.block_size
+    return Step(
+        0,
+        "grow the filesystem to fill the LV exactly",
+        ("resize2fs", layout.lv_path),
+        Check("fs_blocks", layout.lv_path, blocks, f"dumpe2fs: block count {blocks:,}"),
+        (f"after: {describe_blocks(blocks, fs.block_size)}",),
+        always=True,
+    )
 
 
 def _layers(layout: Layout, t: Targets) -> tuple[LayerRow, ...]:
@@ -716,26 +697,26 @@ def _layers(layout: Layout, t: Targets) -> tuple[LayerRow, ...]:
         LayerRow(
             f"filesystem ({fs.fs_type})",
             layout.lv_path,
-            _blocks(fs.block_count, fs.block_size),
-            _blocks(final_blocks, fs.block_size),
+            describe_blocks(fs.block_count, fs.block_size),
+            describe_blocks(final_blocks, fs.block_size),
         ),
         LayerRow(
             "LV",
             f"{vg.name}/{lv.name}",
-            _extents(lv.size // ext, ext),
-            _extents(t.lv_extents, ext),
+            describe_extents(lv.size // ext, ext),
+            describe_extents(t.lv_extents, ext),
         ),
         LayerRow(
             "PV",
             layout.pv_device,
-            _extents(pv.size // ext, ext),
-            _extents(t.pv_final_extents, ext),
+            describe_extents(pv.size // ext, ext),
+            describe_extents(t.pv_final_extents, ext),
         ),
         LayerRow(
             f"LUKS{luks.version} mapping",
             layout.mapping_name,
-            _sectors(layout.mapping_size // SECTOR),
-            _sectors(t.crypt_final_sectors),
+            describe_sectors(layout.mapping_size // SECTOR),
+            describe_sectors(t.crypt_final_sectors),
         ),
     ]
     container = layout.container
@@ -753,8 +734,8 @@ def _layers(layout: Layout, t: Targets) -> tuple[LayerRow, ...]:
             LayerRow(
                 "host LV",
                 f"{container.vg}/{container.lv}",
-                _extents(container.size // container.extent_size, container.extent_size),
-                _extents(t.container_size // container.extent_size, container.extent_size),
+                describe_extents(container.size // container.extent_size, container.extent_size),
+                describe_extents(t.container_size // container.extent_size, container.extent_size),
             )
         )
     return tuple(rows)
@@ -764,7 +745,7 @@ def _notes(layout: Layout, t: Targets, margin_percent: int) -> tuple[str, ...]:
     fs = layout.filesystem
     notes = [
         f"filesystem minimum: resize2fs -P {fs.min_blocks:,} blocks + {margin_percent}% of "
-        f"{fs.used_blocks:,} used blocks = {_blocks(t.fs_required_blocks, fs.block_size)}",
+        f"{fs.used_blocks:,} used blocks = {describe_blocks(t.fs_required_blocks, fs.block_size)}",
         f"LUKS{layout.luks.version} data offset {layout.luks.data_offset:,} B "
         f"({layout.luks.data_offset // SECTOR:,} sectors), encryption sector "
         f"{layout.luks.sector_size:,} B",
@@ -800,32 +781,39 @@ def describe(plan_: Plan) -> dict[str, object]:
             {"layer": r.layer, "device": r.device, "before": r.before, "after": r.after}
             for r in plan_.layers
         ],
-        "steps": [
-            {
-                "number": s.number,
-                "title": s.title,
-                "argv": list(s.argv),
-                "command": shlex.join(s.argv),
-                "stdin": "LUKS key" if s.needs_key else s.stdin,
-                "always": s.always,
-                "sizes": list(s.sizes),
-                "check": {
-                    "kind": s.check.kind,
-                    "subject": s.check.subject,
-                    "expected": s.check.expected,
-                    "args": list(s.check.args),
-                    "text": s.check.text,
-                },
-            }
-            for s in plan_.steps
-        ],
+        "steps": [describe_step(s) for s in plan_.steps],
         "notes": list(plan_.notes),
     }
 
 
+def describe_step(s: Step) -> dict[str, object]:
+    """One step as JSON-ready data; a libvirt call also names its guest, disk and bytes."""
+    shown: dict[str, object] = {
+        "number": s.number,
+        "title": s.title,
+        "argv": list(s.argv),
+        "command": shlex.join(s.argv),
+        "stdin": "LUKS key" if s.needs_key else s.stdin,
+        "always": s.always,
+        "sizes": list(s.sizes),
+        "check": {
+            "kind": s.check.kind,
+            "subject": s.check.subject,
+            "expected": s.check.expected,
+            "args": list(s.check.args),
+            "text": s.check.text,
+        },
+    }
+    if s.call is not None:
+        shown["libvirt"] = {"guest": s.call[0], "disk": s.call[1], "bytes": s.call[2]}
+    return shown
+
+
 def command_line(step: Step) -> str:
     line = shlex.join(step.argv)
-    if step.needs_key:
+    if step.action == "libvirt-block-resize":
+        line += "   # through libvirt-python, with VIR_DOMAIN_BLOCK_RESIZE_BYTES"
+    elif step.needs_key:
         line += "   # key on stdin"
     elif step.stdin:
         line = f"echo {shlex.quote(step.stdin.strip())} | {line}"
@@ -992,8 +980,37 @@ def execute(
 ) -> None:
     """Run the plan's steps in order. A step whose check already holds is skipped (resume);
     after every step its check must hold, or the run stops there."""
-    for step in plan_.steps:
-        before = None if step.check.kind == "fsck" else measure(step.check, where)
+    run_steps(
+        plan_.steps,
+        lambda check: measure(check, where),
+        key=key,
+        journal_path=journal_path,
+        progress=progress,
+        command="luksvm shrink run",
+        replan="luksvm shrink plan",
+    )
+
+
+# A step that is not a process (a libvirt call): it runs, or raises LuksvmError.
+CallStep = Callable[[Step], None]
+
+
+def run_steps(
+    steps: Sequence[Step],
+    measure_: Callable[[Check], int],
+    *,
+    key: bytes | None = None,
+    journal_path: str | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+    command: str,
+    replan: str,
+    call: CallStep | None = None,
+) -> None:
+    """The executor shrink and grow share: each step whose check does not hold yet runs, then its
+    check must hold, or the run stops there. `command` is what the admin reruns to resume, `replan`
+    what shows the plan from the devices as they are."""
+    for step in steps:
+        before = None if step.check.kind == "fsck" else measure_(step.check)
         if not step.always and before == step.check.expected:
             _record(journal_path, step, "already done", before, before)
             progress(f"{step.number:>2}. {step.title}: already done ({step.check.text})")
@@ -1001,22 +1018,35 @@ def execute(
         progress(f"{step.number:>2}. {step.title}\n      $ {command_line(step)}")
         if step.needs_key and key is None:
             raise StepFailed(f"step {step.number} needs the LUKS key, and none was given")
-        stdin = key if step.needs_key else (step.stdin.encode() if step.stdin else None)
-        result = run(
-            step.argv, timeout=step.timeout, stdin=stdin, secret=step.needs_key, check=False
-        )
-        if step.check.kind == "fsck":
-            after = result.returncode
-        elif result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            _record(journal_path, step, f"failed: exit {result.returncode}", before, None)
-            raise StepFailed(
-                f"step {step.number} ({step.title}) failed with exit status "
-                f"{result.returncode}: {tail}\nnothing after it ran; fix the cause and run "
-                "`luksvm shrink run` again with the same arguments to resume"
-            )
+        if step.action != "process":
+            if call is None:
+                raise StepFailed(f"step {step.number} ({step.title}) needs libvirt, not given")
+            try:
+                call(step)
+            except LuksvmError as error:
+                _record(journal_path, step, "failed", before, None)
+                raise StepFailed(
+                    f"step {step.number} ({step.title}) failed: {error}\nnothing after it ran; "
+                    f"fix the cause and run `{command}` again with the same arguments to resume"
+                ) from None
+            after = measure_(step.check)
         else:
-            after = measure(step.check, where)
+            stdin = key if step.needs_key else (step.stdin.encode() if step.stdin else None)
+            result = run(
+                step.argv, timeout=step.timeout, stdin=stdin, secret=step.needs_key, check=False
+            )
+            if step.check.kind == "fsck":
+                after = result.returncode
+            elif result.returncode != 0:
+                tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+                _record(journal_path, step, "failed", before, None, exit_status=result.returncode)
+                raise StepFailed(
+                    f"step {step.number} ({step.title}) failed with exit status "
+                    f"{result.returncode}: {tail}\nnothing after it ran; fix the cause and run "
+                    f"`{command}` again with the same arguments to resume"
+                )
+            else:
+                after = measure_(step.check)
         _record(journal_path, step, "done" if after == step.check.expected else "MISMATCH",
                 before, after)  # fmt: skip
         if after != step.check.expected:
@@ -1027,14 +1057,24 @@ def execute(
             )
             raise StepFailed(
                 f"step {step.number} ({step.title}): check failed: {step.check.text}: {what}; "
-                "stopped before the next step. Look at the devices, then run `luksvm shrink "
-                "plan` again: it plans from the state they are in now"
+                f"stopped before the next step. Look at the devices, then run `{replan}` "
+                "again: it plans from the state they are in now"
             )
         progress(f"      ok: {step.check.text}")
 
 
+# What became of a step, as steps.jsonl and the journal record it.
+Outcome = Literal["already done", "done", "MISMATCH", "failed"]
+
+
 def _record(
-    path: str | None, step: Step, outcome: str, before: int | None, after: int | None
+    path: str | None,
+    step: Step,
+    outcome: Outcome,
+    before: int | None,
+    after: int | None,
+    *,
+    exit_status: int | None = None,
 ) -> None:
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1047,7 +1087,9 @@ def _record(
         "after": after,
         "outcome": outcome,
     }
-    log.info("shrink step %d %s: %s (before %s, after %s)", step.number, step.title, outcome,
+    if exit_status is not None:
+        entry["exit_status"] = exit_status
+    log.info("step %d %s: %s (before %s, after %s)", step.number, step.title, outcome,
              before, after)  # fmt: skip
     if path:
         with open(path, "a", encoding="utf-8") as f:

@@ -179,12 +179,12 @@ def _unlock_dropin(config: Config, volume: Volume, previous_interactive: Volume 
 
 def _device_timeout_dropin(config: Config, volume: Volume, timeout: str) -> str:
     try:
-        usec = parse_timespan(timeout)
+        usec = parse_timespan(timeout, infinity=True)
     except ValueError as error:
         raise UsageError(f"{volume.where}: x-systemd.device-timeout: {error}") from None
     source = _on_target(config, volume.where.path)
     # As systemd-cryptsetup-generator does: a device job is "running" while it waits.
-    unit = [f"JobRunningTimeoutSec={format_timespan(usec) if usec else 'infinity'}"]
+    unit = [f"JobRunningTimeoutSec={format_timespan(usec) if usec else 'infinity'}"]  # 0: none
     return _dropin(f"{source}:{volume.where.line}", source, unit)
 
 

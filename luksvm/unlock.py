@@ -122,7 +122,9 @@ def unlock_plan(volume: Volume, probe: UnlockProbe, *, key_file: str = "") -> Pl
         return Plan(name, "unlock", refusal=refusal)
     try:
         if volume.key.kind == "keyring":
-            argv = cryptsetup.open_argv(volume.device, name, volume.options, key_file="-")
+            argv = cryptsetup.open_argv(
+                volume.device, name, volume.options, key_file="-", keyring=True
+            )
             step = Step(argv, timeout=cryptsetup.KEY_TIMEOUT, key_from_keyring=True)
         else:
             if probe.systemd_cryptsetup:

@@ -258,3 +258,75 @@ def disks_from_xml(text: str) -> list[Disk]:
             )
         )
     return disks
+
+
+# --- block resize and the guest agent (luksvm grow) --------------------------------------------
+
+BLOCK_RESIZE_DEADLINE = 60.0  # QEMU's block_resize of a raw block device is one ioctl and a stat
+AGENT_DEADLINE = 30  # seconds libvirt waits for the guest agent's reply to one command
+
+
+def block_resize(domain: Domain, target: str, size: int) -> None:
+    """Tell the running QEMU that the disk `target` is now `size` bytes (with
+    VIR_DOMAIN_BLOCK_RESIZE_BYTES the size is bytes, not KiB). QEMU refuses a size beyond what
+    its block device holds."""
+    import libvirt
+
+    call(
+        f"block resize of {domain.name} {target} to {size:,} B",
+        domain._dom.blockResize,
+        target,
+        size,
+        libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES,
+        deadline=BLOCK_RESIZE_DEADLINE,
+    )
+
+
+def block_capacity(domain: Domain, target: str) -> int:
+    """Bytes the running QEMU reports for the disk `target` (libvirt's block info capacity)."""
+    capacity, _allocation, _physical = call(
+        f"block info of {domain.name} {target}", domain._dom.blockInfo, target, 0
+    )
+    return int(capacity)
+
+
+def agent_command(domain: Domain, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """One QEMU guest agent command through libvirt (e.g. guest-get-disks); its "return" value.
+    VirtError when no agent answers (not installed, not running, or the command is disabled)."""
+    import json
+
+    import libvirt_qemu
+
+    request: dict[str, Any] = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    reply = call(
+        f"guest agent {command} in {domain.name}",
+        libvirt_qemu.qemuAgentCommand,
+        domain._dom,
+        json.dumps(request),
+        AGENT_DEADLINE,
+        0,
+        deadline=AGENT_DEADLINE + 5.0,
+    )
+    return json.loads(reply).get("return")
+
+
+def disk_pci_address(xml: str, target: str) -> tuple[int, int, int, int] | None:
+    """(domain, bus, slot, function) of the disk `target`'s PCI address in the domain XML: the
+    guest agent reports the same address for the disk it sees, which ties its name to `target`."""
+    root = ET.fromstring(xml)
+    for disk in root.findall("./devices/disk"):
+        found = disk.find("target")
+        if found is None or found.get("dev") != target:
+            continue
+        address = disk.find("address")
+        if address is None or address.get("type") != "pci":
+            return None
+        return (
+            int(address.get("domain", "0"), 0),
+            int(address.get("bus", "0"), 0),
+            int(address.get("slot", "0"), 0),
+            int(address.get("function", "0"), 0),
+        )
+    return None

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-from luksvm import __version__, config, errors
+from luksvm import __version__, config, crypttab_options, errors
 from luksvm.cli import build_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -443,6 +443,25 @@ def manual_crypttab() -> str:
         "GENERATOR_OPTIONS": [_word_list(config.GENERATOR_OPTIONS)],
         "REFUSED_OPTIONS": [_word_list(config.INITRAMFS_OPTIONS | config.NOT_LUKS_OPTIONS)],
         "TOKEN_OPTIONS": [_word_list(config.TOKEN_OPTIONS)],
+        "OPTION_VERSIONS": [
+            roff(
+                ", ".join(
+                    f"{spec.name} ({spec.since})"
+                    for spec in sorted(
+                        crypttab_options.OPTIONS.values(), key=lambda o: (o.since, o.name)
+                    )
+                    if spec.since
+                )
+            )
+        ],
+        "UNSUPPORTED_OPTIONS": [
+            "; ".join(
+                _bold(name + ("=" if name == "header" else "")) + ": " + roff(why)
+                for name, why in sorted(crypttab_options.NOT_SUPPORTED.items())
+                if name not in config.NOT_LUKS_OPTIONS
+            )
+            + "."
+        ],
         "SOURCE_TAGS": [_word_list(t + "=" for t in config.SOURCE_TAGS)],
     }
     with open(path, encoding="utf-8") as f:

@@ -192,7 +192,7 @@ def test_systemd_analyze_verify_prints_nothing_for_every_unit(
     names = units_to_verify(root)
     assert "luksvm-unlock@cr\\x2dweb\\x2ddata.service" in names  # noauto: no link, a drop-in
     assert (
-        "dev-disk-by\\x2duuid-0a1b2c3d\\x2d1111\\x2d2222\\x2d3333\\x2d444455556666.device" in names
+        "dev-disk-by\\x2duuid-0A1B2C3D\\x2d1111\\x2d2222\\x2d3333\\x2d444455556666.device" in names
     )
     assert len(names) == 1 + 5 + 4 + 1  # target, unlock and guest instances, device
     proc = verify(root, names)
@@ -294,9 +294,9 @@ def test_systemd_reads_tricky_names_and_paths_as_written(tmp_path: Path) -> None
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "debug"},
     )
     dump = {line.strip() for line in proc.stdout.splitlines()}  # the dump; logs go to stderr
-    assert f"Command Line: {LUKSVM} unlock --no-start .cr-x" in dump
-    assert f"Command Line: {LUKSVM} lock --from-unit .cr-x" in dump
-    assert f'Command Line: {LUKSVM} guest start "g%1\\$x"' in dump  # shown shell-quoted
+    assert f"Command Line: {LUKSVM} unlock --no-start -- .cr-x" in dump
+    assert f"Command Line: {LUKSVM} lock --from-unit -- .cr-x" in dump
+    assert f'Command Line: {LUKSVM} guest start -- "g%1\\$x"' in dump  # shown shell-quoted
     assert "Source Path: /etc/luksvm/crypttab.d/10-100%.conf" in dump
     assert 'RequiresMountsFor: /etc/luksvm/keys/a%b\\c".key (origin-file)' in dump
     assert "BindsTo: dev-vg-p.device (origin-file)" in dump

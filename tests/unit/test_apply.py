@@ -70,7 +70,8 @@ def test_first_apply_writes_templates_dropins_and_links(
         "-> /etc/systemd/system/luksvm-guest@.service"
     )
     assert (
-        "ExecStart=/opt/luksvm/bin/luksvm unlock --no-start %I" in files["luksvm-unlock@.service"]
+        "ExecStart=/opt/luksvm/bin/luksvm unlock --no-start -- %I"
+        in files["luksvm-unlock@.service"]
     )
     assert "ExecStart=/opt/luksvm/bin/luksvm header-backup" in files["luksvm-header-backup.service"]
     assert "changed: 11 files written, 4 links made, 0 removed; 0 up to date" in out

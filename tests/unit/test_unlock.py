@@ -81,7 +81,7 @@ def test_keyring_volume_opens_with_the_key_on_stdin() -> None:
         "luks",
         "--allow-discards",
         "--key-file=-",
-        "/dev/disk/by-uuid/abc",
+        "/dev/disk/by-uuid/ABC",
         "cr_web",
     )
     assert step.key_from_keyring and not step.interactive
@@ -487,3 +487,10 @@ def test_a_mapping_closed_by_someone_else_during_the_lock_is_success(
     monkeypatch.setattr(unlock.devmapper, "names", lambda: {"cr_imap_encr"})
     with pytest.raises(LuksvmError, match=r"^cannot lock cr_imap_encr: .*not active"):
         unlock.execute(plan, cfg)
+
+
+def test_keyring_volume_with_a_token_option_does_not_blame_a_missing_systemd_cryptsetup() -> None:
+    vol = volume("cr_web UUID=ABC keyring:luksvm/cr_web luks,tpm2-device=auto")
+    plan = unlock_plan(vol, probe(systemd_cryptsetup="/lib/systemd/systemd-cryptsetup"))
+    assert "cannot be used with a keyring: key" in plan.refusal
+    assert "lacks" not in plan.refusal

@@ -1,6 +1,6 @@
-# Boot 2 of test_shrink.py: after the shrink of both stacks (shrink.sh) and a reboot, read every
-# layer back in bytes and sectors, and prove the data intact: sha256sum -c of every file, e2fsck -f
-# clean, both guest VGs complete.
+# Boot 2 of test_shrink.py: after the shrink of both stacks and their growth back (shrink.sh) and a
+# reboot, read every layer back in bytes and sectors, and prove the data intact: sha256sum -c of
+# every file, e2fsck -f clean, both guest VGs complete.
 
 part=$(readlink -f /dev/disk/by-id/virtio-pv1-part1)
 

@@ -141,3 +141,67 @@ step b-run-again luksvm shrink run --lv vgdata/home --to 128MiB --yes-i-have-a-b
 dmsetup ls --target crypt > b-crypt-after.txt
 lvs --reportformat json -o lv_name,lv_active vgdata > b-lvs-after.json
 ls /var/lib/luksvm/shrink > backup-dirs.txt
+
+# --- grow: both stacks grown back (test_shrink.py checks the figures; boot 2 the data) ---------
+# Stack A, closed again after its shrink: luksvm opens it with its configured key, grows the host
+# LV, the mapping (LUKS2: the key on stdin), the PV, root and its filesystem, and closes it again.
+step a-grow-plan into a-grow-plan.json luksvm grow --lv vgmail/root --to 320MiB \
+    --device /dev/volgrp4/lvimap_hd0 --dry-run --json
+step a-grow luksvm grow --lv vgmail/root --to 320MiB --device /dev/volgrp4/lvimap_hd0 \
+    > a-grow.txt 2>&1 || { cat a-grow.txt; exit 1; }
+cat a-grow.txt
+dmsetup ls --target crypt > a-crypt-after-grow.txt
+# Stack B, open and active as the admin left it, home mounted: the partition grows in use
+# (sfdisk, then BLKPG through partx), ext4 grows online.
+mount /dev/vgdata/home /mnt/b-home
+step b-grow-plan into b-grow-plan.json luksvm grow --lv vgdata/home --to 256MiB --dry-run --json
+step b-grow luksvm grow --lv vgdata/home --to 256MiB > b-grow.txt 2>&1 || { cat b-grow.txt; exit 1; }
+cat b-grow.txt
+findmnt -n -o SOURCE /mnt/b-home > b-mounted-after-grow
+umount /mnt/b-home
+
+# --- grow: a running guest's disk (guest web on cr_web, LUKS2 on host LV lvweb_hd0) -----------
+cat >> /etc/luksvm/crypttab.d/10-seed.conf <<'CONF'
+cr_web /dev/volgrp4/lvweb_hd0 /etc/luksvm/keys/web.key luks,discard,x-luksvm.guest=web
+CONF
+step g-open cryptsetup open --key-file /etc/luksvm/keys/web.key /dev/volgrp4/lvweb_hd0 cr_web
+udevadm settle
+old=$(blockdev --getsize64 /dev/mapper/cr_web)
+result g-old-bytes "$old"
+head -c "$old" /dev/mapper/cr_web | sha256sum > g-before.sha256
+step g-start virsh -q -c qemu:///system start web
+cat /run/libvirt/qemu/web.pid > g-pid-before
+lv_bytes() { lvs --noheadings --units b --nosuffix -o lv_size volgrp4/lvweb_hd0 | tr -d ' '; }
+lv_bytes > g-lv-before
+expect_fail g-bare-size luksvm grow web --by 60G
+expect_fail g-not-larger luksvm grow web --to 64MiB
+expect_fail g-no-room luksvm grow web --by 100GiB
+expect_fail g-inside luksvm grow web --by 64MiB --inside
+lv_bytes > g-lv-after-refusals
+blockdev --getsize64 /dev/mapper/cr_web > g-mapping-after-refusals
+step g-plan into g-plan.json luksvm grow web --by 64MiB --dry-run --json
+luksvm grow web --by 64MiB --dry-run > g-plan.txt
+# killed between lvextend and cryptsetup resize: the same command again resumes
+install -d /root/e2e-grow-hook
+printf '#!/bin/sh\n[ "$1" = resize ] && { kill -KILL "$PPID"; exit 137; }\nexec /usr/sbin/cryptsetup "$@"\n' \
+    > /root/e2e-grow-hook/cryptsetup
+chmod 0755 /root/e2e-grow-hook/cryptsetup
+rc=0
+PATH=/root/e2e-grow-hook:$PATH luksvm grow web --by 64MiB > g-killed.txt 2>&1 || rc=$?
+cat g-killed.txt
+result g-killed-rc "$rc"
+lv_bytes > g-lv-killed
+step g-resume luksvm grow web --by 64MiB > g-resume.txt 2>&1 || { cat g-resume.txt; exit 1; }
+cat g-resume.txt
+# a whole grow, timed: host LV, mapping, QEMU
+step g-grow luksvm grow web --to 208MiB > g-grow.txt 2>&1 || { cat g-grow.txt; exit 1; }
+cat g-grow.txt
+cat /run/libvirt/qemu/web.pid > g-pid-after
+virsh -q -c qemu:///system domstate web > g-state-after
+python3 -c 'import libvirt; d = libvirt.open("qemu:///system").lookupByName("web"); print(d.blockInfo("vda", 0)[0])' \
+    > g-capacity
+blockdev --getsize64 /dev/mapper/cr_web > g-mapping-bytes
+lv_bytes > g-lv-bytes
+head -c "$old" /dev/mapper/cr_web | sha256sum > g-after.sha256
+virsh -q -c qemu:///system destroy web
+cryptsetup close cr_web

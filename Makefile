@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: test deps lint unit integration e2e demo clean docs rpm
+.PHONY: test deps lint unit integration e2e demo clean docs rpm deb
 
 test: deps lint
 	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
@@ -39,6 +39,11 @@ DISTDIR ?= dist
 RELEASE ?= 1
 rpm: deps
 	packaging/build-rpm $(DISTDIR) $(RELEASE)
+
+# luksvm_VERSION-RELEASE_all.deb from the working tree into $(DISTDIR), built with debhelper and
+# pybuild (packaging/debian); RELEASE=2 for a rebuilt package that upgrades the first.
+deb: deps
+	packaging/build-deb $(DISTDIR) $(RELEASE)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from .vm import BootResult, Machine, scenario
 
 pytestmark = pytest.mark.e2e
 
-TIMERS = ("luksvm-doctor.timer", "luksvm-header-backup.timer", "luksvm-trim.timer")
+TIMERS = ("luksvm-header-backup.timer", "luksvm-metrics.timer", "luksvm-trim.timer")
 INSTANCES = ("luksvm-unlock@cr_web.service", "luksvm-guest@web.service")
 
 

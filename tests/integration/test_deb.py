@@ -460,12 +460,12 @@ def test_upgrade_keeps_config_and_enablement_removal_disables_purge_clears(
     assert edited != conf.read_text()
     conf.write_text(edited)
     # an admin disables one timer; the upgrade keeps that
-    os.unlink(scratch_root / "etc/systemd/system/timers.target.wants/luksvm-doctor.timer")
+    os.unlink(scratch_root / "etc/systemd/system/timers.target.wants/luksvm-metrics.timer")
     dpkg(scratch_root, tmp_path, "-i", str(newer.deb))
     assert installed_version(scratch_root) == f"install ok installed {newer.version}"
     assert conf.read_text() == edited
     assert enabled_links(scratch_root) == [
-        link for link in ALL_LINKS if not link.endswith("luksvm-doctor.timer")
+        link for link in ALL_LINKS if not link.endswith("luksvm-metrics.timer")
     ]
     dpkg(scratch_root, tmp_path, "-r", "luksvm")
     assert installed_version(scratch_root).startswith("deinstall ok config-files")

@@ -6,7 +6,7 @@
 
 old=$(ls "$E2E_IN"/luksvm_*-1_all.deb)
 new=$(ls "$E2E_IN"/luksvm_*-2_all.deb)
-units="luksvm.target luksvm-doctor.timer luksvm-header-backup.timer luksvm-trim.timer
+units="luksvm.target luksvm-header-backup.timer luksvm-metrics.timer luksvm-trim.timer
     luksvm-unlock@cr_web.service luksvm-guest@web.service"
 
 apt_get() {

@@ -49,7 +49,9 @@ CONF
 sed -i '0,/^#stop_timeout = .*/s//stop_timeout = 3s/' /etc/luksvm/luksvm.conf
 grep -q '^stop_timeout = 3s' /etc/luksvm/luksvm.conf
 step apply luksvm apply
-step start-target systemctl start luksvm.target
+# luksvm.target is not ordered after its guest units (DefaultDependencies=no, nothing waits on
+# guest starts): name the guest unit too, so that the job returns once the guest runs
+step start-target systemctl start luksvm.target luksvm-guest@web.service
 state running
 
 # Removal, then the newer revision: dpkg configures it as an upgrade from the removed one

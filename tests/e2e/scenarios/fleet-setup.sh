@@ -16,5 +16,7 @@ step first-run ansible-playbook -i localhost, -c local -e "@$E2E_IN/vars.json" \
 systemctl is-enabled luksvm.target luksvm-metrics.timer > enabled.txt
 # libvirt-guests would act on the guests at shutdown too (as in boot-setup.sh): out of the way.
 step libvirt-guests-off systemctl disable libvirt-guests.service
-step start-target systemctl start luksvm.target
+# luksvm.target is not ordered after its guest units (DefaultDependencies=no, nothing waits on
+# guest starts): name the guest units too, so that the job returns once the guests run
+step start-target systemctl start luksvm.target luksvm-guest@mail.service luksvm-guest@web.service
 luksvm status --json > status-1.json

@@ -7,7 +7,7 @@ first (`--dry-run` prints the commands); the header is backed up before and afte
 configuration line gets what the unlock needs, shown as a diff.
 
 The current key authenticates the change; it reaches the tools as a memfd path
-(/proc/self/fd/N, systemd-cryptenroll --unlock-key-file=) or on stdin (clevis -k -), never argv.
+(/proc/self/fd/N: systemd-cryptenroll --unlock-key-file=, clevis luks bind -k), never argv.
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def plan(config: Config, name: str, request: Request, inventory: tokens.Inventor
                 "(on the Tang server: tang-show-keys); luksvm never trusts a key on first use"
             )
         pin = json.dumps({"url": request.tang_url, "thp": request.thumbprint})
-        command = ("clevis", "luks", "bind", "-k", "-", "-d", device, "tang", pin)
+        # the key as a file (a memfd path): `-k -` reads one line with bash's `read`, which
+        # mangles a binary keyfile (NUL bytes dropped, a newline ends it); a path goes to
+        # cryptsetup's --key-file as it is
+        command = ("clevis", "luks", "bind", "-k", KEY_PATH_SHOWN, "-d", device, "tang", pin)
         before, after = edited_config(volume, lambda line: edit_line(line, add=[TANG_OPTION]))
         return Plan(
             name,
@@ -174,7 +177,7 @@ def plan(config: Config, name: str, request: Request, inventory: tokens.Inventor
             "tang",
             command,
             True,
-            True,
+            False,
             (),
             frozenset(),
             volume.where.path,

@@ -23,6 +23,8 @@ from tests.conftest import write_config
 from tests.integration.conftest import make_luks, sh
 
 KEY = b"correct horse"
+# a keyfile as `head -c 64 /dev/urandom` makes them: NUL bytes and a newline inside
+BINARY_KEY = b"\x00key\nfile\xff\x00" * 4
 TANGD = "/usr/libexec/tangd"
 
 
@@ -117,16 +119,18 @@ def tang(tmp_path: Path) -> Iterator[Tang]:
         server.stop()
 
 
-def host(tmp_path: Path, options: str = "luks", *, keyfile: bool = True) -> tuple[Path, Path]:
+def host(
+    tmp_path: Path, options: str = "luks", *, keyfile: bool = True, key: bytes = KEY
+) -> tuple[Path, Path]:
     """A LUKS2 image whose volume cr_t is configured under ROOT (keyfile or -), backups under
     ROOT/backups. Returns (root, image)."""
     root = tmp_path / "root"
-    image = make_luks(tmp_path / "t.img", KEY)
+    image = make_luks(tmp_path / "t.img", key)
     key_field = "-"
     if keyfile:
         keys = root / "etc/luksvm/keys"
         keys.mkdir(parents=True)
-        (keys / "t.key").write_bytes(KEY)
+        (keys / "t.key").write_bytes(key)
         (keys / "t.key").chmod(0o400)
         key_field = "/etc/luksvm/keys/t.key"
     write_config(
@@ -184,7 +188,8 @@ def test_enroll_tpm2_through_swtpm_and_keys_follows_the_pcr_policy(
 def test_enroll_tang_needs_the_thumbprint_and_keys_asks_the_server(
     tmp_path: Path, tang: Tang, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root, image = host(tmp_path)
+    # a binary keyfile: clevis's `-k -` would mangle it (bash's read), a key file path does not
+    root, image = host(tmp_path, key=BINARY_KEY)
     with pytest.raises(SystemExit) as usage:
         main(["--root", str(root), "enroll", "cr_t", "--tang", tang.url, "--tpm2"])
     assert usage.value.code == 64

@@ -72,12 +72,8 @@ PACKAGES = (
     "python3-pexpect",
     "python3-keyring",
     "python3-pip",
-    # unattended keys: TPM2 (systemd-cryptenroll needs the libtss2 libraries, only Suggests of
-    # systemd) and Tang (a server on loopback, clevis to bind and unlock)
-    "libtss2-esys-3.0.2-0",
-    "libtss2-rc0",
-    "libtss2-mu0",
-    "libtss2-tcti-device0",
+    # unattended keys: TPM2 (RELEASE_PACKAGES: the libtss2 libraries) and Tang (a server on
+    # loopback, clevis to bind and unlock)
     "tang",
     "clevis",
     "clevis-luks",
@@ -92,8 +88,10 @@ PACKAGES = (
 
 # What one release needs beyond PACKAGES. Debian 13 (systemd 257) ships systemd-cryptsetup, the
 # binary luksvm's units run, in a package of its own.
+# systemd-cryptenroll needs the libtss2 libraries (only Suggests of systemd) for TPM2; Debian 13
+# renamed them (t64), and its scenarios (the `stack` ones) use no TPM.
 RELEASE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "bookworm": (),
+    "bookworm": ("libtss2-esys-3.0.2-0", "libtss2-rc0", "libtss2-mu0", "libtss2-tcti-device0"),
     "trixie": ("systemd-cryptsetup",),
 }
 

@@ -51,10 +51,10 @@ class SeedHost:
             )
 
         machine, result = seed_boot(workdir)
-        if result.hung:
-            # Once, a fresh seed: every test stands on it, and a hung vCPU is QEMU's fault. The
-            # hung boot's console and journal stay in `workdir` for a look.
-            note("seed boot hung, built again", f"{result.problem} ({result.dir})")
+        if result.boot_again:
+            # Once, a fresh seed: every test stands on it, and a hung vCPU or a panic under
+            # emulation is not luksvm's doing. The boot's console and journal stay in `workdir`.
+            note("seed boot hung or panicked, built again", f"{result.problem} ({result.dir})")
             machine.discard()
             machine, result = seed_boot(workdir.with_name(workdir.name + "-again"))
         machine.check(result)

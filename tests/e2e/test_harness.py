@@ -81,8 +81,11 @@ def test_hung_or_panicked_vm_is_stopped_with_console_tail(
     assert "fake boot line 10\n" not in message  # only the last 40 lines
     assert failure.value.result.rc is None
     assert failure.value.result.hung == (mode == "lockup")
-    # a hung boot, and only that, ran once more from the disks as they were before it
-    assert (fake_machine.workdir / "boot-1-hung" / "console.log").exists() == (mode == "lockup")
+    assert failure.value.result.panicked == (mode == "panic")
+    # a hung or panicked boot, and only that, ran once more from the disks as they were before it
+    broken = {p.name for p in fake_machine.workdir.glob("boot-1-*") if (p / "console.log").exists()}
+    assert broken == {"lockup": {"boot-1-hung"}, "panic": {"boot-1-panicked"}}.get(mode, set())
+    assert len(fake_machine.boots) == 1
     snapshots = subprocess.run(
         ["qemu-img", "snapshot", "-l", str(fake_machine.root.path)],
         capture_output=True,

@@ -46,8 +46,9 @@ KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 m
 
 # Console text that means the boot cannot reach the scenario: stop at once instead of waiting for
 # the timeout.
+PANIC_CONSOLE = "Kernel panic - not syncing"
 FATAL_CONSOLE = (
-    "Kernel panic - not syncing",
+    PANIC_CONSOLE,
     "You are in emergency mode",
     "Cannot open access to console, the root account is locked",
     "Give root password for maintenance",
@@ -112,6 +113,17 @@ class BootResult:
     def hung(self) -> bool:
         """Stopped because a vCPU hung (HUNG_CONSOLE): the emulator's fault, not the scenario's."""
         return bool(self.problem and HUNG_CONSOLE.search(self.problem))
+
+    @property
+    def panicked(self) -> bool:
+        """Stopped at a kernel panic. Seen once under TCG in a boot that passed on every other
+        run (doctor[trixie] boot 2); one that luksvm causes panics again in the second boot."""
+        return bool(self.problem and PANIC_CONSOLE in self.problem)
+
+    @property
+    def boot_again(self) -> bool:
+        """Worth one more boot from the same disks: the kernel, not the scenario, gave up."""
+        return self.hung or self.panicked
 
     @property
     def system_state(self) -> str:
@@ -388,7 +400,7 @@ class Machine:
         kernel_args: str = "",
         boot_wait: float = 180.0,
         check: bool = True,
-        again_if_hung: bool = True,
+        again_if_broken: bool = True,
     ) -> BootResult:
         """Boot once and run `script` (a Path, e.g. scenario("x.sh"), or the text of a bash script).
 
@@ -397,8 +409,8 @@ class Machine:
         when the boot has finished (`systemctl is-system-running --wait`), or after `boot_wait`
         seconds (scaled; 0: at once), whichever comes first; `result.system_state` says which.
         With check=True (the default) anything but a clean run with rc 0 raises BootFailed.
-        A boot whose vCPU hung (BootResult.hung: QEMU's fault, not the scenario's) is run once
-        more from the disks as they were before it, when they are all qcow2 (clones are).
+        A boot whose vCPU hung or whose kernel panicked (BootResult.boot_again) is run once more
+        from the disks as they were before it, when they are all qcow2 (clones are).
         """
         # A failing test's traceback shows the test's line and BootFailed's message, not this frame.
         __tracebackhide__ = operator.methodcaller("errisinstance", BootFailed)
@@ -409,7 +421,7 @@ class Machine:
         if bdir.exists():
             shutil.rmtree(bdir)
         bdir.mkdir(parents=True)
-        snapshot = f"before-boot-{index}" if again_if_hung else ""
+        snapshot = f"before-boot-{index}" if again_if_broken else ""
         if snapshot and all(d.format == "qcow2" for d in (self.root, *self.disks)):
             self._snapshots("-c", snapshot)
         else:
@@ -447,13 +459,16 @@ class Machine:
             timings=outcome.marks,
         )
         BOOT_LOG.append(result)
-        if snapshot and result.hung:
+        if snapshot and result.boot_again:
             self._snapshots("-a", snapshot)
             self._snapshots("-d", snapshot)
-            hung_dir = bdir.with_name(bdir.name + "-hung")
-            shutil.rmtree(hung_dir, ignore_errors=True)
-            bdir.rename(hung_dir)
-            note(f"{self.name} boot {index} hung, booted again", f"{result.problem} ({hung_dir})")
+            how = "hung" if result.hung else "panicked"
+            broken_dir = bdir.with_name(f"{bdir.name}-{how}")
+            shutil.rmtree(broken_dir, ignore_errors=True)
+            bdir.rename(broken_dir)
+            note(
+                f"{self.name} boot {index} {how}, booted again", f"{result.problem} ({broken_dir})"
+            )
             return self.boot(
                 script,
                 timeout=timeout,
@@ -461,7 +476,7 @@ class Machine:
                 kernel_args=kernel_args,
                 boot_wait=boot_wait,
                 check=check,
-                again_if_hung=False,
+                again_if_broken=False,
             )
         if snapshot:
             self._snapshots("-d", snapshot)

@@ -20,6 +20,12 @@ when mtime is set back — or when the last full hash is older than [backup] max
 REHASH_AFTER (header-backup, which then records the new stamp). What the stamp cannot see is a
 change beneath the filesystem (media bit rot, a write to the raw disk, an offline edit): that is
 found by the next full hash, within a week of weekly header-backup runs. A restore always hashes.
+
+Each header-backup run that finds a volume's header unchanged and its newest backup intact records
+when (header_confirmed): the backup is then as good as one taken that moment. doctor and the
+metrics measure a backup's age from the later of its creation and that confirmation, so the
+max_age warning of a header that never changes clears with the next header-backup run instead of
+standing forever.
 """
 
 from __future__ import annotations
@@ -217,6 +223,8 @@ class Record:
     # written before luksvm kept them (the file is then hashed, and header-backup adds them)
     stamp: FileStamp | None = None
     hashed: datetime | None = None
+    # when header-backup last found the header unchanged and this backup intact (None: never)
+    confirmed: datetime | None = None
 
 
 def read_record(backup: Backup) -> Record | None:
@@ -228,12 +236,31 @@ def read_record(backup: Backup) -> Record | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # unreadable: never confirmed
+        record = dataclasses.replace(record, confirmed=parse_iso(data["header_confirmed"]))
     try:  # a stamp that does not read only costs a full hash
         stamp = FileStamp(**{k: int(v) for k, v in data["file_stamp"].items()})
-        hashed = datetime.fromisoformat(str(data["file_hashed"]).replace("Z", "+00:00"))
+        hashed = parse_iso(data["file_hashed"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return record
     return dataclasses.replace(record, stamp=stamp, hashed=hashed)
+
+
+def parse_iso(value: object) -> datetime:
+    """A time as iso() writes it; ValueError for anything else (also one without a zone)."""
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"no time zone in {value!r}")
+    return moment
+
+
+def last_confirmed(backup: Backup) -> datetime:
+    """When `backup` was last known to hold the current header: taken, or confirmed unchanged by
+    a later header-backup run (see the module's docstring)."""
+    record = read_record(backup)
+    if record is None or record.confirmed is None:
+        return backup.created
+    return max(backup.created, record.confirmed)
 
 
 def write_record(backup: Backup, fields: dict[str, object], record: Record) -> None:
@@ -247,6 +274,8 @@ def write_record(backup: Backup, fields: dict[str, object], record: Record) -> N
     if record.stamp is not None and record.hashed is not None:
         data["file_stamp"] = dataclasses.asdict(record.stamp)
         data["file_hashed"] = iso(record.hashed)
+    if record.confirmed is not None:
+        data["header_confirmed"] = iso(record.confirmed)
     files.write_atomically(backup.record_path, json.dumps(data, indent=2) + "\n")
 
 
@@ -501,8 +530,9 @@ def backup_volume(
 
 def _still_intact(volume: Volume, newest: Backup, moment: datetime) -> bool:
     """The newest backup of an unchanged header still hashes as recorded (hashed in full when its
-    stamp changed or REHASH_AFTER passed; the refreshed stamp is recorded). A backup that does
-    not is left for the admin to look at, and a new one is taken."""
+    stamp changed or REHASH_AFTER passed); then it is recorded as confirmed at `moment`, with the
+    refreshed stamp. A backup that does not is left for the admin to look at, and a new one is
+    taken."""
     record = read_record(newest)
     if record is None:
         return False
@@ -515,14 +545,15 @@ def _still_intact(volume: Volume, newest: Backup, moment: datetime) -> bool:
             volume.name,
             extra=journal.fields(volume=volume.name),
         )
-    elif refreshed is not None:
-        try:
-            with open(newest.record_path, encoding="utf-8") as f:
-                fields = json.load(f)
-        except (OSError, ValueError):
-            fields = {}
-        write_record(newest, fields if isinstance(fields, dict) else {}, refreshed)
-    return intact
+        return False
+    try:
+        with open(newest.record_path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except (OSError, ValueError):
+        fields = {}
+    confirmed = dataclasses.replace(refreshed or record, confirmed=moment)
+    write_record(newest, fields if isinstance(fields, dict) else {}, confirmed)
+    return True
 
 
 def _outcome(

@@ -214,7 +214,7 @@ def cmd_guest_start(args: argparse.Namespace) -> int:
     if systemctl.systemd_running(cfg.root) and os.environ.get("INVOCATION_ID"):
         # From its unit: lower-order guests first (see wait_for_earlier_units).
         guests.wait_for_earlier_units(
-            cfg, args.guest, systemctl.unit_state, timeout=guests.EARLIER_GUEST_WAIT
+            cfg, args.guest, systemctl.unit_states, timeout=guests.EARLIER_GUEST_WAIT
         )
     with virt.connect(cfg.settings.uri) as conn:
         guests.start_guest(cfg, args.guest, conn)

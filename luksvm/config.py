@@ -300,7 +300,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("backup", "keep", "5", "count", "backups kept per volume (newest first)"),
     SettingSpec(
-        "backup", "max_age", "30d", "duration", "doctor warns when the newest backup is older"
+        "backup",
+        "max_age",
+        "30d",
+        "duration",
+        "doctor warns when header-backup took or confirmed no backup for longer",
     ),
     SettingSpec(
         "keys",

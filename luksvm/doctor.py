@@ -647,12 +647,15 @@ def header_backup(host: Host) -> Iterator[Finding]:
                 "it would bring back the old keyslots",
                 fix=fix,
             )
-        age = now - newest.created.timestamp()
+        # its age: since header-backup last took it or found the header unchanged (a header that
+        # never changes is never backed up again, and its warning must clear all the same)
+        age = now - backup.last_confirmed(newest).timestamp()
         if age > max_age:
             return Finding.warn(
                 volume.name,
-                f"newest backup {name} is {format_timespan(int(age) * 1_000_000)} old, older "
-                f"than [backup] max_age = {format_timespan(settings.backup_max_age)}",
+                f"newest backup {name} was last taken or confirmed current by header-backup "
+                f"{format_timespan(int(age) * 1_000_000)} ago, longer than [backup] max_age = "
+                f"{format_timespan(settings.backup_max_age)}",
                 fix=f"{fix}; systemctl enable --now luksvm-header-backup.timer",
             )
         return Finding.ok(volume.name, f"backup {name} verifies and is current")

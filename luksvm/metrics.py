@@ -278,7 +278,8 @@ def _state(out: _Families, cfg: Config, sources: Sources, up: dict[str, bool]) -
 def _backups(out: _Families, cfg: Config, root: str, now: float, up: dict[str, bool]) -> None:
     out.declare(
         "luksvm_header_backup_last_success_timestamp_seconds",
-        "When the volume's newest header backup was taken (absent: the volume has none).",
+        "When header-backup last took or confirmed the volume's newest header backup as current "
+        "(absent: the volume has none).",
     )
     out.declare(
         "luksvm_header_backup_max_age_seconds",
@@ -295,7 +296,7 @@ def _backups(out: _Families, cfg: Config, root: str, now: float, up: dict[str, b
             if newest is not None:
                 out.add(
                     "luksvm_header_backup_last_success_timestamp_seconds",
-                    newest.created.timestamp(),
+                    backup.last_confirmed(newest).timestamp(),
                     volume=volume.name,
                 )
     except OSError:

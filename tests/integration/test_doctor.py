@@ -249,7 +249,12 @@ def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> 
     written.rename(renamed)
     Path(str(written) + ".json").rename(str(renamed) + ".json")
     assert finding().status == WARN
-    assert "older than [backup] max_age = 30d" in finding().message
+    assert "longer than [backup] max_age = 30d" in finding().message
+    # the header never changed: a header-backup run takes no new backup, and confirms the old one
+    outcome = backup.backup_volume(volume, str(folder), keep=5)
+    assert not outcome.changed and outcome.file == str(renamed)
+    assert sorted(p.name for p in folder.iterdir()) == [renamed.name, renamed.name + ".json"]
+    assert finding().status == OK
 
 
 def test_sysfs_of_this_machine_loop_device_names_and_backing(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,18 +171,19 @@ def test_a_guest_waits_only_for_lower_order_units_that_are_starting(
     cfg: config.Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(guests, "POLL_SECONDS", 0.01)
-    asked: list[str] = []
+    asked: list[list[str]] = []
     states = iter(["activating", "activating", "active"])
 
-    def active_state(unit: str) -> str:
-        asked.append(unit)
-        return next(states) if "db" in unit else "inactive"
+    def active_states(units: Sequence[str]) -> dict[str, str]:
+        asked.append(list(units))
+        return {u: next(states) if "db" in u else "inactive" for u in units}
 
     assert guests.earlier_guests(cfg, "web") == ["mail", "db"]
-    guests.wait_for_earlier_units(cfg, "web", active_state, timeout=5)
-    assert asked.count("luksvm-guest@db.service") == 3
+    guests.wait_for_earlier_units(cfg, "web", active_states, timeout=5)
+    # one question a poll, for every earlier unit at once
+    assert asked == [["luksvm-guest@mail.service", "luksvm-guest@db.service"]] * 3
     asked.clear()
-    guests.wait_for_earlier_units(cfg, "mail", active_state, timeout=5)
+    guests.wait_for_earlier_units(cfg, "mail", active_states, timeout=5)
     assert asked == []  # order 0: nobody before it
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -205,6 +206,13 @@ def test_header_backup_timestamp_is_the_newest_backup(root: Path) -> None:
     assert got['luksvm_header_backup_last_success_timestamp_seconds{volume="cr_a"}'] == 1793577600.5
     assert not [k for k in got if 'last_success_timestamp_seconds{volume="cr_b"}' in k]
     assert got["luksvm_header_backup_max_age_seconds"] == 30 * 86400
+    # a later header-backup run found the header unchanged: that run is the last success
+    record = {"file_sha256": "", "metadata_bytes": 0, "metadata_sha256": ""}
+    newest = folder / f"20261102T000000.500Z_{uuid}.luksheader.json"
+    newest.write_text(json.dumps({**record, "header_confirmed": "2026-12-01T00:00:00.250Z"}))
+    got = samples(metrics.render(metrics.collect(str(root), sources())))
+    confirmed = got['luksvm_header_backup_last_success_timestamp_seconds{volume="cr_a"}']
+    assert confirmed == 1796083200.25
 
 
 def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ unit) and every guest (libvirt state, volumes, whether it may start, stop policy
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict
 
 from luksvm import devmapper, journal, lvm, virt
-from luksvm.config import Config
+from luksvm.config import Config, Volume
 from luksvm.durations import format_timespan
 from luksvm.run import CommandError
 from luksvm.systemctl import systemd_running, unit_states
@@ -114,7 +114,7 @@ def gather(config: Config) -> Status:
                 ),
                 "key": volume.key.kind,
                 # what unlocked it in this boot (journal: LUKSVM_KEY_SOURCE), None if unknown
-                "key_source": sources.get(volume.name) if mapping else None,
+                "key_source": _key_source(volume, sources, states) if mapping else None,
                 "noauto": volume.noauto,
                 "guests": list(volume.guests),
                 "unit": _unit(unlock_unit(volume.name), states, systemd),
@@ -136,6 +136,19 @@ def gather(config: Config) -> Status:
             }
         )
     return {"systemd": systemd, "volumes": volumes, "guests": guest_rows, "problems": problems}
+
+
+def _key_source(
+    volume: Volume, sources: Mapping[str, str], states: Mapping[str, str]
+) -> str | None:
+    """luksvm's "unlocked" entry names the source; a keyfile volume's unit that runs
+    systemd-cryptsetup itself logs none on success, and an active unit of a keyfile volume
+    (headless, tries=1) opened it with that keyfile."""
+    if volume.name in sources:
+        return sources[volume.name]
+    if volume.key.kind == "file" and states.get(unlock_unit(volume.name)) == "active":
+        return "keyfile"
+    return None
 
 
 def _unit(name: str, states: dict[str, str], systemd: bool) -> UnitStatus | None:

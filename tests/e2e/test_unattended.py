@@ -91,6 +91,7 @@ def test_tpm2_and_tang_unlock_unattended_and_fall_back_within_the_bound(host: Ma
     status = {v["name"]: v for v in boot.json("status.json")["volumes"]}
     assert status["cr_imap_encr"]["key_source"] == "tpm2"
     assert status["cr_web"]["key_source"] == "tang"
+    assert status["cr_other"]["key_source"] == "keyfile"  # from its active unit
     # luksvm.target (DefaultDependencies=no) is not ordered after the units it wants: reached
     # before the guests it pulls in have started, so they never hold back multi-user.target
     # (reached so early that systemd logged it through the kernel log: no JOB_* fields)

@@ -18,6 +18,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from luksvm import jsonshape
 from luksvm.errors import LuksvmError
 from luksvm.run import run
 
@@ -131,8 +132,10 @@ def read_partition(path: str, disk: str, number: int) -> Partition:
 
 def parse_partition(path: str, disk: str, number: int, table: dict[str, object]) -> Partition:
     """One partition from `sfdisk --json DISK` output."""
-    pt: dict[str, object] = table["partitiontable"]  # type: ignore[assignment]
-    entries: list[dict[str, object]] = pt.get("partitions", [])  # type: ignore[assignment]
+    pt = jsonshape.obj(jsonshape.member(table, "partitiontable", disk), "partitiontable")
+    entries = [
+        jsonshape.obj(e, "partition") for e in jsonshape.arr(pt.get("partitions", []), "partitions")
+    ]
     sector_size = int(str(pt.get("sectorsize", 512)))
     for entry in entries:
         node = str(entry["node"])

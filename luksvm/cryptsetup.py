@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from luksvm import jsonshape
 from luksvm.durations import USEC_PER_SEC, parse_timespan
 from luksvm.errors import LuksvmError
 from luksvm.run import run
@@ -86,7 +87,8 @@ def read_header(device: str) -> LuksHeader:
         )
         if result.returncode == 0:
             uuid, label = identity
-            return luks2_header(device, uuid, label, json.loads(result.stdout))
+            return _from_json(device, lambda metadata: luks2_header(device, uuid, label, metadata),
+                              result.stdout)  # fmt: skip
     dump = run(["cryptsetup", "luksDump", device], timeout=TIMEOUT, check=False)
     if dump.returncode != 0:  # one process fewer than isLuks first: doctor reads many headers
         why = dump.stderr.strip().splitlines()[-1] if dump.stderr.strip() else "no LUKS header"
@@ -96,7 +98,20 @@ def read_header(device: str) -> LuksHeader:
     if version == "1":
         return parse_luks1_dump(device, text)
     dumped = run(["cryptsetup", "luksDump", "--dump-json-metadata", device], timeout=TIMEOUT)
-    return parse_luks2(device, text, json.loads(dumped.stdout))
+    return _from_json(device, lambda metadata: parse_luks2(device, text, metadata), dumped.stdout)
+
+
+def _from_json(
+    device: str, parse: Callable[[dict[str, object]], LuksHeader], text: str
+) -> LuksHeader:
+    """parse(the LUKS2 JSON metadata cryptsetup printed); a shape luksvm does not know is an
+    error that names the device and the member, not a traceback."""
+    try:
+        return parse(jsonshape.obj(json.loads(text), "metadata"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise LuksvmError(
+            f"{device}: cannot read its LUKS2 metadata ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _field(text: str, name: str) -> str:
@@ -166,10 +181,10 @@ def parse_luks2(device: str, text: str, metadata: dict[str, object]) -> LuksHead
 
 def luks2_header(device: str, uuid: str, label: str, metadata: dict[str, object]) -> LuksHeader:
     """A LUKS2 header from its JSON metadata and the binary header's UUID and label."""
-    segments: dict[str, dict[str, object]] = metadata["segments"]  # type: ignore[assignment]
-    keyslots: dict[str, dict[str, object]] = metadata["keyslots"]  # type: ignore[assignment]
-    tokens: dict[str, dict[str, object]] = metadata.get("tokens", {})  # type: ignore[assignment]
-    config: dict[str, object] = metadata.get("config", {})  # type: ignore[assignment]
+    segments = jsonshape.objects(jsonshape.member(metadata, "segments", "metadata"), "segments")
+    keyslots = jsonshape.objects(jsonshape.member(metadata, "keyslots", "metadata"), "keyslots")
+    tokens = jsonshape.objects(metadata.get("tokens", {}), "tokens")
+    config = jsonshape.obj(metadata.get("config", {}), "config")
     segment = segments[min(segments, key=int)]
     return LuksHeader(
         device=device,
@@ -182,16 +197,20 @@ def luks2_header(device: str, uuid: str, label: str, metadata: dict[str, object]
         keyslots=tuple(
             Keyslot(
                 int(number),
-                str(slot.get("kdf", {}).get("type", "")),  # type: ignore[attr-defined]
+                str(jsonshape.obj(slot.get("kdf", {}), f"keyslots[{number}].kdf").get("type", "")),
                 int(str(slot.get("key_size", 0))) * 8,
             )
             for number, slot in sorted(keyslots.items(), key=lambda item: int(item[0]))
         ),
-        flags=tuple(str(f) for f in config.get("flags", [])),  # type: ignore[attr-defined]
+        flags=tuple(str(f) for f in jsonshape.arr(config.get("flags", []), "config.flags")),
         tokens=tuple(str(t.get("type", "")) for t in tokens.values()),
         token_keyslots=tuple(
             sorted(
-                {int(str(n)) for t in tokens.values() for n in t.get("keyslots", [])}  # type: ignore[attr-defined]
+                {
+                    int(str(n))
+                    for k, t in tokens.items()
+                    for n in jsonshape.arr(t.get("keyslots", []), f"tokens[{k}].keyslots")
+                }
             )
         ),
     )

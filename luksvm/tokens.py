@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from luksvm import cryptsetup
+from luksvm import cryptsetup, jsonshape
 from luksvm.errors import LuksvmError
 from luksvm.run import run
 
@@ -169,15 +169,15 @@ def read_inventory(device: str) -> Inventory:
 
 def parse_metadata(device: str, metadata: dict[str, object]) -> Inventory:
     """Keyslots and tokens from LUKS2 JSON metadata (pure)."""
-    raw_slots: dict[str, dict[str, object]] = metadata["keyslots"]  # type: ignore[assignment]
-    raw_tokens: dict[str, dict[str, object]] = metadata.get("tokens", {})  # type: ignore[assignment]
+    raw_slots = jsonshape.objects(jsonshape.member(metadata, "keyslots", "metadata"), "keyslots")
+    raw_tokens = jsonshape.objects(metadata.get("tokens", {}), "tokens")
     tokens = tuple(
         sorted((parse_token(int(n), t) for n, t in raw_tokens.items()), key=lambda t: t.number)
     )
     keyslots = []
     for number in sorted(raw_slots, key=int):
         slot = raw_slots[number]
-        kdf: dict[str, object] = slot.get("kdf", {})  # type: ignore[assignment]
+        kdf = jsonshape.obj(slot.get("kdf", {}), f"keyslots[{number}].kdf")
         priority = {0: "ignore", 2: "prefer"}.get(int(str(slot.get("priority", 1))), "normal")
         keyslots.append(
             Keyslot(
@@ -193,14 +193,19 @@ def parse_metadata(device: str, metadata: dict[str, object]) -> Inventory:
 
 def parse_token(number: int, token: dict[str, object]) -> Token:
     kind_name = str(token.get("type", ""))
-    keyslots = tuple(sorted(int(str(n)) for n in token.get("keyslots", [])))  # type: ignore[attr-defined]
+    what = f"tokens[{number}]"
+    keyslots = tuple(
+        sorted(int(str(n)) for n in jsonshape.arr(token.get("keyslots", []), f"{what}.keyslots"))
+    )
     if kind_name == "systemd-tpm2":
         return Token(
             number,
             kind_name,
             "tpm2",
             keyslots,
-            pcrs=tuple(int(str(p)) for p in token.get("tpm2-pcrs", [])),  # type: ignore[attr-defined]
+            pcrs=tuple(
+                int(str(p)) for p in jsonshape.arr(token.get("tpm2-pcrs", []), f"{what}.tpm2-pcrs")
+            ),
             pcr_bank=str(token.get("tpm2-pcr-bank", "sha256")),
             policy_hash=str(token.get("tpm2-policy-hash", "")),
             pin=bool(token.get("tpm2-pin", False)),
@@ -209,7 +214,7 @@ def parse_token(number: int, token: dict[str, object]) -> Token:
     if kind_name in TOKEN_KINDS:
         return Token(number, kind_name, TOKEN_KINDS[kind_name], keyslots)
     if kind_name == "clevis":
-        jwe: dict[str, object] = token.get("jwe", {})  # type: ignore[assignment]
+        jwe = jsonshape.obj(token.get("jwe", {}), f"{what}.jwe")
         header = _protected_header(str(jwe.get("protected", "")))
         return _clevis_token(number, keyslots, header.get("clevis", {}))
     return Token(number, kind_name, "other", keyslots)

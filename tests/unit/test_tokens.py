@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from luksvm import enroll, tokens
+from luksvm import cryptsetup, enroll, tokens
 from luksvm.config import load
 from luksvm.errors import LuksvmError
 from tests.conftest import write_config
@@ -72,6 +73,29 @@ def test_clevis_tokens_tang_and_sss_give_urls_and_thumbprints() -> None:
     assert sss.kind == "sss" and sss.urls == ("http://tang.lan", "http://tang.lan")
     assert [s.passphrase for s in inventory.keyslots] == [True, False, False]
     assert inventory.salts([1, 2]) == frozenset({"s1", "s2"})
+
+
+@pytest.mark.parametrize(
+    ("metadata", "named"),
+    [
+        ({"tokens": {}}, "no 'keyslots'"),
+        ({"keyslots": []}, "keyslots is not a JSON object"),
+        ({"keyslots": {"0": {"kdf": ["argon2id"]}}}, "keyslots[0].kdf is not a JSON object"),
+        ({"keyslots": {}, "tokens": {"3": {"type": "x", "keyslots": "1"}}}, "tokens[3].keyslots"),
+        ({"keyslots": {}, "tokens": {"0": {"type": "clevis", "jwe": "x"}}}, "tokens[0].jwe"),
+    ],
+)
+def test_metadata_of_an_unknown_shape_names_the_member(
+    metadata: dict[str, object], named: str
+) -> None:
+    # (an AttributeError from a list where an object belongs escaped every caller before)
+    with pytest.raises((ValueError, KeyError), match=re.escape(named)):
+        tokens.parse_metadata("/dev/x", metadata)
+    if "jwe" in named:
+        return  # cryptsetup's header reader does not look into clevis tokens
+    segments = {"0": {"encryption": "aes-xts-plain64", "offset": "16777216"}}
+    with pytest.raises((ValueError, KeyError), match=re.escape(named)):
+        cryptsetup.luks2_header("/dev/x", "uuid", "", {"segments": segments, **metadata})
 
 
 @pytest.mark.parametrize(

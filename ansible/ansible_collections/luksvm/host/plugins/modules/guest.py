@@ -29,13 +29,8 @@ options:
     type: str
     choices: [started, stopped]
     default: started
-  root:
-    description: The root directory luksvm works under (C(luksvm --root)).
-    type: path
-    default: /
-  executable:
-    description: The luksvm command; found on C(PATH) when not given.
-    type: path
+extends_documentation_fragment:
+  - luksvm.host.common
 notes:
   - Check mode reports what would change and runs nothing.
 author:

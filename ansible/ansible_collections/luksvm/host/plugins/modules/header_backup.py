@@ -25,13 +25,8 @@ options:
     type: list
     elements: str
     default: []
-  root:
-    description: The root directory luksvm works under (C(luksvm --root)).
-    type: path
-    default: /
-  executable:
-    description: The luksvm command; found on C(PATH) when not given.
-    type: path
+extends_documentation_fragment:
+  - luksvm.host.common
 notes:
   - Check mode runs C(luksvm header-backup --dry-run) and writes nothing.
 author:

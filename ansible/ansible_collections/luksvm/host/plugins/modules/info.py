@@ -21,13 +21,8 @@ options:
     description: Run luksvm doctor (the slowest part).
     type: bool
     default: true
-  root:
-    description: The root directory luksvm works under (C(luksvm --root)).
-    type: path
-    default: /
-  executable:
-    description: The luksvm command; found on C(PATH) when not given.
-    type: path
+extends_documentation_fragment:
+  - luksvm.host.common
 notes:
   - Supports check mode (it never changes anything).
 author:

@@ -29,13 +29,8 @@ options:
     description: Run C(luksvm apply) after a change (and when units are not up to date).
     type: bool
     default: true
-  root:
-    description: The root directory luksvm works under (C(luksvm --root)).
-    type: path
-    default: /
-  executable:
-    description: The luksvm command; found on C(PATH) when not given.
-    type: path
+extends_documentation_fragment:
+  - luksvm.host.common
 notes:
   - Check mode writes nothing; diff mode shows luksvm.conf before and after.
 author:

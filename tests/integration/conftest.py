@@ -44,6 +44,16 @@ def make_luks(
     return path
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Change the byte at `offset` of `path` in place. Inverted, not overwritten with a constant:
+    a LUKS2 keyslot area is random, so a fixed value is already there once in 256 runs."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        (byte,) = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 @pytest.fixture
 def luks2_image(tmp_path: Path) -> Path:
     return make_luks(tmp_path / "luks2.img", b"correct horse")

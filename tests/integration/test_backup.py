@@ -20,7 +20,7 @@ from luksvm import backup, config, cryptsetup
 from luksvm.cli import main
 from luksvm.errors import UsageError
 from tests.conftest import write_config
-from tests.integration.conftest import FAST_KDF, make_luks, sh
+from tests.integration.conftest import FAST_KDF, flip_byte, make_luks, sh
 
 KEY = b"correct horse"
 Attach = Callable[..., str]
@@ -409,11 +409,7 @@ def test_restore_refuses_a_backup_that_rotted(
     directory = configure(tmp_path, {"cr_test": str(image)})
     assert main(["--root", str(tmp_path), "header-backup"]) == 0
     (saved,) = backups_of(directory / "cr_test")
-    with open(saved, "r+b") as f:  # a flipped byte in keyslot material: still reads as LUKS
-        f.seek(1 << 20)
-        byte = f.read(1)
-        f.seek(1 << 20)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(saved, 1 << 20)  # in keyslot material: still reads as LUKS
     assert main(["--root", str(tmp_path), "header-restore", "cr_test", "--from", str(saved)]) == 2
     assert "changed since it was written" in capsys.readouterr().err
 
@@ -476,9 +472,7 @@ def test_an_unchanged_backup_file_is_not_hashed_again_a_tampered_one_is(
 
     # one byte changed in the keyslot area, and the mtime set back: ctime still moved
     before = file.stat()
-    with open(file, "r+b") as f:
-        f.seek(1 << 20)
-        f.write(b"\xff")
+    flip_byte(file, 1 << 20)
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (file.stat().st_size, file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     status, message = _doctor_says(tmp_path)
@@ -499,9 +493,7 @@ def test_what_the_stamp_cannot_see_is_found_by_the_periodic_full_hash(
     once it is older than REHASH_AFTER (a week)."""
     directory, file = _one_backup(tmp_path)
     record_path = Path(f"{file}.json")
-    with open(file, "r+b") as f:
-        f.seek(1 << 20)
-        f.write(b"\xff")
+    flip_byte(file, 1 << 20)
     # what such a change looks like: the recorded stamp matches the file as it is now
     record = json.loads(record_path.read_text())
     st = file.stat()

@@ -14,7 +14,7 @@ from luksvm import doctor
 from luksvm.config import Volume
 from luksvm.doctor import FAIL, OK, WARN, Finding, Host
 from tests.conftest import write_config
-from tests.integration.conftest import FAST_KDF, make_luks, sh, unique
+from tests.integration.conftest import FAST_KDF, flip_byte, make_luks, sh, unique
 
 
 def by(findings: list[Finding], subject: str) -> Finding:
@@ -234,9 +234,7 @@ def test_header_backup_missing_current_stale_corrupt_and_old(tmp_path: Path) -> 
 
     outcome = backup.backup_volume(volume, str(folder), keep=5)
     assert finding().status == OK
-    with open(outcome.file, "r+b") as f:
-        f.seek(20000)
-        f.write(b"\xff")
+    flip_byte(outcome.file, 20000)
     assert finding().status == FAIL
     assert "no longer hashes as recorded" in finding().message
 

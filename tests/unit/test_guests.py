@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_select_keeps_start_order_and_refuses_unknown(cfg: config.Config) -> Non
 def test_a_guest_waits_only_for_lower_order_units_that_are_starting(
     cfg: config.Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(guests, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(guests, "EARLIER_POLL_SECONDS", 0.01)
     asked: list[list[str]] = []
     states = iter(["activating", "activating", "active"])
 
@@ -302,3 +303,35 @@ def test_start_through_units_tells_each_command_before_it_runs_and_prints_nothin
     assert list(steps) == []
     assert ran == [["systemctl", "start", "luksvm-guest@web.service"]]
     assert capsys.readouterr().out == ""
+
+
+def test_a_stop_ends_within_a_state_poll_of_the_guest_powering_off(
+    cfg: config.Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a clock of its own: the guest powers off 2.3 s after the ACPI request. The stop must see
+    # it within STOP_POLL_SECONDS (polled every 1 s it ended at 3.0 s: host shutdown waited), and
+    # tell systemd it is alive once a second, not once a poll.
+    now = [100.0]
+    monkeypatch.setattr(guests.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(guests.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    (tmp_path / "run/libvirt/qemu").mkdir(parents=True)
+    (tmp_path / "run/libvirt/qemu/mail.pid").write_text("1\n")
+    (tmp_path / "proc/1").mkdir(parents=True)
+    acpi_at: list[float] = []
+    handle = SimpleNamespace(
+        state=lambda: (5 if acpi_at and now[0] >= acpi_at[0] + 2.3 else 1, 0),
+        shutdownFlags=lambda flags: acpi_at.append(now[0]) or 0,
+    )
+    conn = SimpleNamespace(find=lambda name: virt.Domain(handle, name))
+    told: list[tuple[str, ...]] = []
+
+    stopped = guests.stop_guest(
+        cfg, "mail", lambda: contextlib.nullcontext(conn), notify=lambda *m: told.append(m) or True
+    )
+    assert stopped.how == "shutdown"
+    assert 2.3 <= stopped.seconds <= 2.3 + guests.STOP_POLL_SECONDS + 1e-9
+    assert [m[1] for m in told] == [
+        "STATUS=waiting for guest mail to shut down (10 s left)",
+        "STATUS=waiting for guest mail to shut down (9 s left)",
+        "STATUS=waiting for guest mail to shut down (8 s left)",
+    ]

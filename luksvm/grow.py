@@ -778,13 +778,7 @@ def with_key(steps: Sequence[Step], key: keys.Key) -> tuple[Step, ...]:
     if not key.token_only:
         return tuple(steps)
     return tuple(
-        replace(
-            step,
-            argv=tuple("--token-only" if a == "--key-file=-" else a for a in step.argv),
-            needs_key=False,
-        )
-        if step.needs_key
-        else step
+        replace(step, argv=key.command(step.argv), needs_key=False) if step.needs_key else step
         for step in steps
     )
 

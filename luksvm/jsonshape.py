@@ -19,13 +19,11 @@ def arr(value: object, what: str) -> list[object]:
     return value
 
 
-def member(parent: dict[str, object], key: str, what: str, default: object = None) -> object:
-    """parent[key]; `default` when it is absent, KeyError naming `what` when that is None too."""
-    if key in parent:
-        return parent[key]
-    if default is None:
+def member(parent: dict[str, object], key: str, what: str) -> object:
+    """parent[key]; a KeyError naming `what` when it is absent."""
+    if key not in parent:
         raise KeyError(f"{what}: no {key!r}")
-    return default
+    return parent[key]
 
 
 def objects(value: object, what: str) -> dict[str, dict[str, object]]:

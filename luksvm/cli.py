@@ -230,6 +230,13 @@ def cmd_guest_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_shutdown_watch(args: argparse.Namespace) -> int:
+    from luksvm import logind
+
+    logind.watch()
+    return EXIT_OK
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from luksvm import config, guests, systemctl
 
@@ -757,6 +764,13 @@ def build_parser() -> Parser:
     )
     guest_stop.add_argument("guest", metavar="GUEST")
     guest_stop.set_defaults(func=cmd_guest_stop)
+
+    watch = commands.add_parser(
+        "shutdown-watch",
+        help="stop the guests as soon as logind announces a shutdown or reboot "
+        "(what luksvm-shutdown-watch.service runs)",
+    )
+    watch.set_defaults(func=cmd_shutdown_watch)
 
     for verb, func, what in (
         ("start", cmd_start, "start guests in their order (through their units when systemd runs)"),

@@ -32,6 +32,7 @@ MESSAGE_IDS = {
     "header-backup-failed": "efd693e08b614030b418950fe381b1ae",
     "guest-trimmed": "2768f3cfb2a043d6acf9e6cfa6593bb2",
     "volume-grown": "965931c84545415299954d547d021dec",
+    "shutdown-announced": "1f0f1944ac04491bbff12f67cd87187d",
 }
 
 log = logging.getLogger("luksvm")

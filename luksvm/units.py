@@ -20,6 +20,8 @@ from luksvm.errors import UsageError
 UNLOCK_TEMPLATE = "luksvm-unlock@.service"
 GUEST_TEMPLATE = "luksvm-guest@.service"
 TARGET = "luksvm.target"
+# Stops the guests as soon as logind announces a shutdown (logind.py); wanted when guests exist.
+SHUTDOWN_WATCH = "luksvm-shutdown-watch.service"
 # The maintenance services and their timers (enabled by the admin or the package preset).
 MAINTENANCE_UNITS = (
     "luksvm-header-backup.service",
@@ -29,7 +31,7 @@ MAINTENANCE_UNITS = (
     "luksvm-trim.service",
     "luksvm-trim.timer",
 )
-TEMPLATES = (UNLOCK_TEMPLATE, GUEST_TEMPLATE, TARGET, *MAINTENANCE_UNITS)
+TEMPLATES = (UNLOCK_TEMPLATE, GUEST_TEMPLATE, TARGET, SHUTDOWN_WATCH, *MAINTENANCE_UNITS)
 # The luksvm path the packaged templates run; apply rewrites it when it installs them itself.
 PACKAGED_LUKSVM = "/usr/bin/luksvm"
 DROPIN = "50-luksvm.conf"
@@ -330,6 +332,8 @@ def render(
         # Wanting a guest with a noauto volume would pull that volume's prompt into the boot.
         if not any(v.noauto for v in config.volumes_of(guest.name)):
             want(unit, GUEST_TEMPLATE)
+    if config.guests:
+        want(SHUTDOWN_WATCH, SHUTDOWN_WATCH)
 
     if config.settings.keyring_backend:
         files[f"{UNLOCK_TEMPLATE}.d/{KEYS_DROPIN}"] = _keyring_dropin(config)

@@ -194,7 +194,7 @@ def test_systemd_analyze_verify_prints_nothing_for_every_unit(
     assert (
         "dev-disk-by\\x2duuid-0A1B2C3D\\x2d1111\\x2d2222\\x2d3333\\x2d444455556666.device" in names
     )
-    assert len(names) == 1 + 5 + 4 + 1  # target, unlock and guest instances, device
+    assert len(names) == 1 + 5 + 4 + 1 + 1  # target, unlock and guest instances, device, watch
     proc = verify(root, names)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 

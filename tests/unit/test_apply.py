@@ -57,6 +57,7 @@ def test_first_apply_writes_templates_dropins_and_links(
         "luksvm-header-backup.timer",
         "luksvm-metrics.service",
         "luksvm-metrics.timer",
+        "luksvm-shutdown-watch.service",
         "luksvm-trim.service",
         "luksvm-trim.timer",
         "luksvm-unlock@.service",
@@ -65,6 +66,7 @@ def test_first_apply_writes_templates_dropins_and_links(
         "luksvm.target",
         "luksvm.target.wants/luksvm-guest@mail.service",
         "luksvm.target.wants/luksvm-guest@web.service",
+        "luksvm.target.wants/luksvm-shutdown-watch.service",
         "luksvm.target.wants/luksvm-unlock@cr_imap_encr.service",
         "luksvm.target.wants/luksvm-unlock@cr_web.service",
     ]
@@ -76,7 +78,7 @@ def test_first_apply_writes_templates_dropins_and_links(
         in files["luksvm-unlock@.service"]
     )
     assert "ExecStart=/opt/luksvm/bin/luksvm header-backup" in files["luksvm-header-backup.service"]
-    assert "changed: 13 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "changed: 14 files written, 5 links made, 0 removed; 0 up to date" in out
 
 
 def test_second_apply_changes_nothing_and_says_so(
@@ -86,7 +88,7 @@ def test_second_apply_changes_nothing_and_says_so(
     before = {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     manifest = (seed_root / apply.MANIFEST).stat().st_mtime_ns
     code, out, err = run_apply(seed_root, capsys)
-    assert (code, out, err) == (0, "nothing to change: 17 unit files and links up to date\n", "")
+    assert (code, out, err) == (0, "nothing to change: 19 unit files and links up to date\n", "")
     assert before == {p: os.lstat(seed_root / UNIT_DIR / p).st_mtime_ns for p in tree(seed_root)}
     assert (seed_root / apply.MANIFEST).stat().st_mtime_ns == manifest
 
@@ -120,7 +122,7 @@ def test_files_the_config_no_longer_asks_for_are_removed_and_foreign_ones_kept(
     assert (
         "removed " + str(seed_root / UNIT_DIR / "luksvm-guest@web.service.d/50-luksvm.conf") in out
     )
-    assert "changed: 0 files written, 0 links made, 4 removed; 13 up to date" in out
+    assert "changed: 0 files written, 0 links made, 4 removed; 15 up to date" in out
 
 
 def test_a_stale_file_edited_by_hand_is_left_with_a_warning(
@@ -175,7 +177,7 @@ def test_dry_run_prints_and_writes_nothing(
         f"would link {unit_dir}/luksvm.target.wants/luksvm-guest@web.service -> "
         "/etc/systemd/system/luksvm-guest@.service" in out
     )
-    assert "would change: 13 files written, 4 links made, 0 removed; 0 up to date" in out
+    assert "would change: 14 files written, 5 links made, 0 removed; 0 up to date" in out
 
 
 def test_diff_shows_what_a_config_change_changes(
@@ -210,7 +212,7 @@ def test_packaged_templates_are_used_and_copies_from_an_earlier_apply_removed(
     assert files["luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "-> /usr/lib/systemd/system/luksvm-unlock@.service"
     )
-    assert "changed: 0 files written, 4 links made, 9 removed; 4 up to date" in out
+    assert "changed: 0 files written, 5 links made, 10 removed; 4 up to date" in out
 
 
 def test_manifest_lists_what_apply_wrote(
@@ -218,7 +220,7 @@ def test_manifest_lists_what_apply_wrote(
 ) -> None:
     run_apply(seed_root, capsys)
     manifest = json.loads((seed_root / apply.MANIFEST).read_text())
-    assert len(manifest["files"]) == 13
+    assert len(manifest["files"]) == 14
     assert manifest["links"][f"{UNIT_DIR}/luksvm.target.wants/luksvm-unlock@cr_web.service"] == (
         "/etc/systemd/system/luksvm-unlock@.service"
     )

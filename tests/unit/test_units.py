@@ -81,6 +81,7 @@ def test_target_wants_no_noauto_volume_nor_a_guest_that_needs_one(tmp_path: Path
         "luksvm.target.wants/luksvm-guest@backup.service",
         "luksvm.target.wants/luksvm-guest@files.service",
         "luksvm.target.wants/luksvm-guest@mail.service",
+        "luksvm.target.wants/luksvm-shutdown-watch.service",
         "luksvm.target.wants/luksvm-unlock@cr_files.service",
         "luksvm.target.wants/luksvm-unlock@cr_imap_encr.service",
         "luksvm.target.wants/luksvm-unlock@cr_scratch.service",
@@ -89,6 +90,20 @@ def test_target_wants_no_noauto_volume_nor_a_guest_that_needs_one(tmp_path: Path
     assert links["luksvm.target.wants/luksvm-guest@mail.service"] == (
         "/usr/lib/x/luksvm-guest@.service"
     )
+
+
+def test_the_shutdown_watch_is_wanted_only_when_there_are_guests(tmp_path: Path) -> None:
+    with_guests = units.render(
+        config.load(str(write_config(tmp_path / "a", {"10-seed.conf": SEED_CRYPTTAB}))),
+        luksvm_path="/l",
+        template_dir="/t",
+    ).links
+    assert with_guests["luksvm.target.wants/luksvm-shutdown-watch.service"] == (
+        "/t/luksvm-shutdown-watch.service"
+    )
+    volumes_only = write_config(tmp_path / "b", {"10-v.conf": "cr_a /dev/vg/a - luks\n"})
+    links = units.render(config.load(str(volumes_only)), luksvm_path="/l", template_dir="/t").links
+    assert sorted(links) == ["luksvm.target.wants/luksvm-unlock@cr_a.service"]
 
 
 def test_guest_stop_timeout_covers_wait_policy_and_margin(tmp_path: Path) -> None:

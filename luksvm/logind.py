@@ -1,0 +1,92 @@
+"""Stop the guests when logind announces a shutdown, not after its wait for delay locks.
+
+On `systemctl poweroff|reboot`, the power button or `shutdown -h`, logind first broadcasts
+PrepareForShutdown(true) on the system bus, then waits for the holders of delay inhibitor locks
+before systemd starts stopping units. libvirtd holds such a lock while any VM runs and does
+nothing with it when luksvm stops the guests (libvirt's own auto_shutdown is off, see doctor): so
+every shutdown of a host with running guests idled InhibitDelayMaxSec (5 s) before the first guest
+was asked to stop (bench/boot.py: inhibit_delay_s). luksvm-shutdown-watch.service listens for the
+announcement and queues the guest units' stop jobs at once: the guests stop while logind waits,
+and logind goes on as soon as the last VM is off (libvirtd then drops its lock). The jobs are the
+units' own (ExecStop=luksvm guest stop); systemd merges the shutdown's stop jobs into them, so
+the order guests → libvirt → volumes is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from luksvm import journal
+from luksvm.errors import LuksvmError
+from luksvm.run import CommandError, run
+
+log = logging.getLogger("luksvm.logind")
+
+LOGIND = "org.freedesktop.login1"
+LOGIND_PATH = "/org/freedesktop/login1"
+MANAGER = "org.freedesktop.login1.Manager"
+SIGNAL = "PrepareForShutdown"
+# Every loaded guest unit; --no-block: systemd runs the jobs, the watch goes on listening.
+STOP_GUESTS = ("systemctl", "stop", "--no-block", "luksvm-guest@*.service")
+
+
+def stop_guests() -> None:
+    try:
+        run(list(STOP_GUESTS), timeout=30)
+    except CommandError as error:  # the shutdown stops them anyway, only later
+        log.warning("could not queue the guests' stop jobs early: %s", error)
+
+
+def watch(
+    bus: str = "SYSTEM",
+    *,
+    on_shutdown: Callable[[], None] = stop_guests,
+    ready: Callable[..., bool] = journal.notify,
+    signals: int | None = None,
+) -> None:
+    """Listen on `bus` (SYSTEM, or a D-Bus address) for logind's PrepareForShutdown(true) and
+    run `on_shutdown` at each. `signals`: return after that many PrepareForShutdown signals
+    (tests); None: listen until killed."""
+    from jeepney import HeaderFields, MatchRule
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+    from jeepney.wrappers import DBusErrorResponse
+
+    try:
+        conn = open_dbus_connection(bus=bus)
+    except (OSError, ValueError, KeyError) as error:
+        raise LuksvmError(
+            f"cannot connect to the D-Bus system bus ({error}); is dbus.service running? "
+            "Without it luksvm's guests stop only when systemd stops their units"
+        ) from None
+    announced = MatchRule(type="signal", interface=MANAGER, member=SIGNAL, path=LOGIND_PATH)
+    with conn, conn.filter(announced, bufsize=8) as queue:
+        # The bus routes only logind's own signal to us; jeepney's filter cannot match a
+        # well-known name, so each signal's sender is checked against logind's unique name too:
+        # any local process may emit a signal of that name.
+        conn.send_and_get_reply(
+            message_bus.AddMatch(
+                MatchRule(
+                    type="signal", sender=LOGIND, interface=MANAGER, member=SIGNAL, path=LOGIND_PATH
+                )
+            )
+        )
+        ready("READY=1", "STATUS=waiting for logind to announce a shutdown")
+        seen = 0
+        while signals is None or seen < signals:
+            message = conn.recv_until_filtered(queue)
+            seen += 1
+            sender = message.header.fields.get(HeaderFields.sender)
+            try:
+                owner = conn.send_and_get_reply(message_bus.GetNameOwner(LOGIND)).body[0]
+            except DBusErrorResponse:
+                owner = None
+            if sender != owner:
+                log.warning("ignored %s from %s: logind is %s", SIGNAL, sender, owner)
+            elif message.body == (True,):  # (False,): a shutdown that was called off
+                log.info(
+                    "logind announced a shutdown: stopping the guests now",
+                    extra=journal.fields(message_id="shutdown-announced"),
+                )
+                on_shutdown()

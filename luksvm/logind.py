@@ -51,7 +51,7 @@ def watch(
     from jeepney import HeaderFields, MatchRule
     from jeepney.bus_messages import message_bus
     from jeepney.io.blocking import open_dbus_connection
-    from jeepney.wrappers import DBusErrorResponse
+    from jeepney.wrappers import DBusErrorResponse, unwrap_msg
 
     try:
         conn = open_dbus_connection(bus=bus)
@@ -60,33 +60,40 @@ def watch(
             f"cannot connect to the D-Bus system bus ({error}); is dbus.service running? "
             "Without it luksvm's guests stop only when systemd stops their units"
         ) from None
+
+    def logind_owner() -> str | None:
+        """logind's unique name on the bus; None while nobody owns its name."""
+        try:
+            return str(unwrap_msg(conn.send_and_get_reply(message_bus.GetNameOwner(LOGIND)))[0])
+        except DBusErrorResponse:
+            return None
+
     announced = MatchRule(type="signal", interface=MANAGER, member=SIGNAL, path=LOGIND_PATH)
-    with conn, conn.filter(announced, bufsize=8) as queue:
-        # The bus routes only logind's own signal to us; jeepney's filter cannot match a
-        # well-known name, so each signal's sender is checked against logind's unique name too:
-        # any local process may emit a signal of that name.
-        conn.send_and_get_reply(
-            message_bus.AddMatch(
-                MatchRule(
-                    type="signal", sender=LOGIND, interface=MANAGER, member=SIGNAL, path=LOGIND_PATH
-                )
+    try:
+        with conn, conn.filter(announced, bufsize=8) as queue:
+            # The bus routes only logind's own signal to us; jeepney's filter cannot match a
+            # well-known name, so each signal's sender is checked against logind's unique name
+            # too: any local process may send a signal of that name to us directly.
+            only_logind = MatchRule(
+                type="signal", sender=LOGIND, interface=MANAGER, member=SIGNAL, path=LOGIND_PATH
             )
-        )
-        ready("READY=1", "STATUS=waiting for logind to announce a shutdown")
-        seen = 0
-        while signals is None or seen < signals:
-            message = conn.recv_until_filtered(queue)
-            seen += 1
-            sender = message.header.fields.get(HeaderFields.sender)
-            try:
-                owner = conn.send_and_get_reply(message_bus.GetNameOwner(LOGIND)).body[0]
-            except DBusErrorResponse:
-                owner = None
-            if sender != owner:
-                log.warning("ignored %s from %s: logind is %s", SIGNAL, sender, owner)
-            elif message.body == (True,):  # (False,): a shutdown that was called off
-                log.info(
-                    "logind announced a shutdown: stopping the guests now",
-                    extra=journal.fields(message_id="shutdown-announced"),
-                )
-                on_shutdown()
+            unwrap_msg(conn.send_and_get_reply(message_bus.AddMatch(only_logind)))
+            ready("READY=1", "STATUS=waiting for logind to announce a shutdown")
+            seen = 0
+            while signals is None or seen < signals:
+                message = conn.recv_until_filtered(queue)
+                seen += 1
+                sender = message.header.fields.get(HeaderFields.sender)
+                owner = logind_owner()
+                if sender != owner:
+                    log.warning("ignored %s from %s: logind is %s", SIGNAL, sender, owner)
+                elif message.body == (True,):  # (False,): a shutdown that was called off
+                    log.info(
+                        "logind announced a shutdown: stopping the guests now",
+                        extra=journal.fields(message_id="shutdown-announced"),
+                    )
+                    on_shutdown()
+    except (OSError, DBusErrorResponse) as error:
+        raise LuksvmError(
+            f"lost the D-Bus system bus ({error}); systemd restarts luksvm-shutdown-watch"
+        ) from None

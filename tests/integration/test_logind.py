@@ -5,8 +5,10 @@ that in the VM."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,8 +23,8 @@ LOGIND_ADDRESS = DBusAddress(logind.LOGIND_PATH, interface=logind.MANAGER)
 
 
 @pytest.fixture
-def bus() -> Iterator[str]:
-    """A private message bus; its address."""
+def daemon() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A private message bus: its address and its dbus-daemon."""
     proc = subprocess.Popen(
         ["dbus-daemon", "--session", "--nofork", "--print-address=1"],
         stdout=subprocess.PIPE,
@@ -32,10 +34,32 @@ def bus() -> Iterator[str]:
     address = proc.stdout.readline().strip()
     try:
         assert address.startswith("unix:"), address
-        yield address
+        yield address, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bus(daemon: tuple[str, subprocess.Popen[str]]) -> str:
+    return daemon[0]
+
+
+def watching(bus: str, **kwargs: object) -> tuple[threading.Thread, list[BaseException]]:
+    """logind.watch(bus, **kwargs) running in a thread; what it raises goes to the list."""
+    ready = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            logind.watch(bus, ready=lambda *lines: ready.set() or True, **kwargs)
+        except BaseException as error:  # handed to the test
+            failed.append(error)
+
+    watcher = threading.Thread(target=run, daemon=True)
+    watcher.start()
+    assert ready.wait(10), failed
+    return watcher, failed
 
 
 def names(conn: DBusConnection) -> set[str]:
@@ -56,24 +80,8 @@ def test_only_loginds_announcement_of_a_shutdown_stops_the_guests(
     with open_dbus_connection(bus) as real, open_dbus_connection(bus) as impostor:
         assert real.send_and_get_reply(message_bus.RequestName(logind.LOGIND)).body == (1,)
         before = names(real)
-        ready = threading.Event()
         stopped: list[str] = []
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                logind.watch(
-                    bus,
-                    on_shutdown=lambda: stopped.append("guests"),
-                    ready=lambda *lines: ready.set() or True,
-                    signals=3,
-                )
-            except BaseException as error:  # handed to the test
-                failed.append(error)
-
-        watcher = threading.Thread(target=run, daemon=True)
-        watcher.start()
-        assert ready.wait(10), failed
+        watcher, failed = watching(bus, on_shutdown=lambda: stopped.append("guests"), signals=3)
         (watch_name,) = names(real) - before
 
         announce(impostor, True)  # a broadcast: the bus does not route it to the watch
@@ -94,3 +102,28 @@ def test_only_loginds_announcement_of_a_shutdown_stops_the_guests(
 def test_no_bus_is_a_clear_error() -> None:
     with pytest.raises(LuksvmError, match=r"cannot connect to the D-Bus system bus .*dbus.service"):
         logind.watch("unix:path=/nonexistent/bus", signals=0)
+
+
+def test_a_lost_bus_ends_the_watch_with_a_clear_error(
+    daemon: tuple[str, subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    address, proc = daemon
+    stopped: list[str] = []
+    with open_dbus_connection(address) as impostor:
+        before = names(impostor)
+        watcher, failed = watching(address, on_shutdown=lambda: stopped.append("guests"))
+        (watch_name,) = names(impostor) - before
+        announce(impostor, True, destination=watch_name)  # nobody owns logind's name
+        ignored = f"ignored PrepareForShutdown from {impostor.unique_name}: logind is None"
+        deadline = time.monotonic() + 10
+        while ignored not in [r.getMessage() for r in caplog.records]:
+            assert time.monotonic() < deadline and not failed, failed
+            time.sleep(0.05)
+        proc.terminate()
+        watcher.join(10)
+    assert not watcher.is_alive() and stopped == []
+    (error,) = failed
+    assert isinstance(error, LuksvmError)
+    assert re.fullmatch(
+        r"lost the D-Bus system bus \(.+\); systemd restarts luksvm-shutdown-watch", str(error)
+    )

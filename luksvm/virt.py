@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -269,6 +268,8 @@ def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
 
 def disks_from_xml(text: str) -> list[Disk]:
     """The disks of a domain XML: target, kinds, source path (dev=, file= or volume) and driver."""
+    import xml.etree.ElementTree as ET  # lazily: a guest's stop parses no XML
+
     root = ET.fromstring(text)
     disks = []
     for disk in root.findall("./devices/disk"):
@@ -348,6 +349,8 @@ def agent_command(domain: Domain, command: str, arguments: dict[str, Any] | None
 def disk_pci_address(xml: str, target: str) -> tuple[int, int, int, int] | None:
     """(domain, bus, slot, function) of the disk `target`'s PCI address in the domain XML: the
     guest agent reports the same address for the disk it sees, which ties its name to `target`."""
+    import xml.etree.ElementTree as ET
+
     root = ET.fromstring(xml)
     for disk in root.findall("./devices/disk"):
         found = disk.find("target")

@@ -131,3 +131,50 @@ def test_signed_values_are_attached_only_to_their_options() -> None:
         "-x",
     ]
     assert attach_signed_values(["--", "--to", "-1"]) == ["--", "--to", "-1"]
+
+
+UNITS = Path(__file__).resolve().parents[2] / "units"
+
+
+def unit_exec_commands() -> list[list[str]]:
+    """The luksvm commands of the templates' Exec lines, %I filled in, prefixes and path cut."""
+    commands = []
+    for template in ("luksvm-guest@.service", "luksvm-unlock@.service"):
+        for line in (UNITS / template).read_text().splitlines():
+            if line.startswith(("ExecStart=", "ExecStop=")):
+                words = line.split("=", 1)[1].lstrip(":-").split()
+                assert words[0] == "/usr/bin/luksvm", line
+                commands.append([w.replace("%I", "mail") for w in words[1:]])
+    return commands
+
+
+@pytest.mark.parametrize("name", ["mail", "-v", "--root=/x", "a b", ""])
+def test_the_units_commands_skip_the_parser_and_mean_what_the_parser_says(name: str) -> None:
+    from luksvm.cli import build_parser, unit_command
+
+    commands = unit_exec_commands()
+    assert len(commands) == 4
+    parser = build_parser()
+    for words in commands:
+        argv = [name if w == "mail" else w for w in words]
+        fast = unit_command(argv)
+        assert fast is not None, argv
+        assert vars(fast) == vars(parser.parse_args(argv)), argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["guest", "start", "mail"],
+        ["--root", "/srv", "guest", "start", "--", "mail"],
+        ["-v", "guest", "stop", "--", "mail"],
+        ["guest", "stop", "--", "mail", "web"],
+        ["lock", "--from-unit", "--dry-run", "--", "cr_a"],
+        ["unlock", "--no-start", "cr_a", "cr_b"],
+        ["status", "--json", "--", "x"],
+    ],
+)
+def test_any_other_command_line_goes_through_the_parser(argv: list[str]) -> None:
+    from luksvm.cli import unit_command
+
+    assert unit_command(argv) is None

@@ -8,22 +8,22 @@ import pytest
 from luksvm import journal
 
 
-def test_journal_handler_gives_python_systemd_what_it_formats(
+def test_journal_handler_gives_python_systemd_fields_it_sends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The real journal.send builds every field before it talks to journald (CODE_LINE with {:d});
-    # here it has no journald to reach, so only an error in building the fields is ours.
-    from systemd import journal as systemd_journal
+    # The real sendv checks every argument before it talks to journald; here it has no journald to
+    # reach, so only an error in what we give it is ours.
+    from systemd._journal import sendv
 
-    sent: list[dict[str, object]] = []
-    real_send = systemd_journal.send
+    sent: list[tuple[str, ...]] = []
 
-    def send(message: str, **fields: object) -> None:
-        sent.append(fields)
+    def send(*lines: str) -> None:
+        sent.append(lines)
         with contextlib.suppress(OSError):  # no journald socket on this machine
-            real_send(message, **fields)
+            sendv(*lines)
 
     handler = journal.JournalHandler()
+    assert handler._send is sendv
     handler._send = send
     errors: list[BaseException] = []
     monkeypatch.setattr(handler, "handleError", lambda _record: errors.append(Exception()))
@@ -32,8 +32,18 @@ def test_journal_handler_gives_python_systemd_what_it_formats(
         setattr(record, name, value)
     handler.emit(record)
     assert errors == []
-    assert sent[0]["LUKSVM_GUEST"] == "mail"
-    assert sent[0]["CODE_LINE"] == 7
+    assert sent == [
+        (
+            "MESSAGE=guest mail",
+            "PRIORITY=6",
+            "SYSLOG_IDENTIFIER=luksvm",
+            f"CODE_FILE={__file__}",
+            "CODE_LINE=7",
+            "CODE_FUNC=None",
+            "LUKSVM_GUEST=mail",
+            f"MESSAGE_ID={journal.MESSAGE_IDS['guest-stopped']}",
+        )
+    ]
 
 
 def test_key_sources_takes_the_latest_unlocked_message_per_volume(

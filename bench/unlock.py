@@ -5,14 +5,16 @@ Run as root on a machine with device-mapper where VOLUME is configured in
 /etc/luksvm/crypttab.d with a keyfile and is closed (the e2e tier runs it in its VM: see
 tests/e2e/test_unlock.py). Each round, each side first in turn:
 
-  luksvm unlock --no-start VOLUME   vs  systemd-cryptsetup attach … luks,headless=true,tries=1
-                                    and cryptsetup open --key-file KEY DEV VOLUME
-  luksvm lock --from-unit VOLUME    vs  cryptsetup close VOLUME
+  luksvm unlock --no-start -- VOLUME  vs  systemd-cryptsetup attach … luks,headless=true,tries=1
+                                      and cryptsetup open --key-file KEY DEV VOLUME
+  luksvm lock --from-unit -- VOLUME   vs  cryptsetup close VOLUME
 
 With --guest GUEST (a guest of VOLUME that ignores ACPI, with [guests] stop_timeout = --wait):
 
-  luksvm guest start GUEST          vs  libvirt-python: lookupByName(GUEST).create()
-  luksvm guest stop GUEST           vs  libvirt-python: shutdown(), poll until --wait, destroy()
+  luksvm guest start -- GUEST         vs  libvirt-python: lookupByName(GUEST).create()
+  luksvm guest stop -- GUEST          vs  libvirt-python: shutdown(), poll until --wait, destroy()
+
+luksvm's commands are written as its units run them (with "--"), so they take the same path.
 
 Prints the median wall time of each, and luksvm's overhead over the tool it delegates to.
 """
@@ -103,25 +105,25 @@ def main() -> int:
     name, device, key = args.volume, args.device, args.key
     pairs = {
         "unlock: luksvm vs systemd-cryptsetup attach": (
-            [*luksvm, "unlock", "--no-start", name],
+            [*luksvm, "unlock", "--no-start", "--", name],
             [attach, "attach", name, device, key, "luks,headless=true,tries=1"],
         ),
         "unlock: luksvm vs cryptsetup open": (
-            [*luksvm, "unlock", "--no-start", name],
+            [*luksvm, "unlock", "--no-start", "--", name],
             ["cryptsetup", "open", "--type", "luks", "--key-file", key, device, name],
         ),
         "lock: luksvm vs cryptsetup close": (
-            [*luksvm, "lock", "--from-unit", name],
+            [*luksvm, "lock", "--from-unit", "--", name],
             ["cryptsetup", "close", name],
         ),
         **(
             {
                 "guest start: luksvm vs libvirt-python": (
-                    [*luksvm, "guest", "start", args.guest],
+                    [*luksvm, "guest", "start", "--", args.guest],
                     [sys.executable, "-c", LIBVIRT_START, args.guest],
                 ),
                 "guest stop: luksvm vs libvirt-python": (
-                    [*luksvm, "guest", "stop", args.guest],
+                    [*luksvm, "guest", "stop", "--", args.guest],
                     [sys.executable, "-c", LIBVIRT_STOP, args.guest, str(args.wait)],
                 ),
             }

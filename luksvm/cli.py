@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
 import shlex
 import signal
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("luksvm")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse exits 2 on usage errors; luksvm's usage errors are 64 (EX_USAGE)."""
+if TYPE_CHECKING:
+    import argparse
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+class Args(types.SimpleNamespace):
+    """A command line's values: set by argparse (build_parser) or by unit_command."""
 
 
 def print_json(data: object) -> None:
@@ -60,7 +60,7 @@ def option_warnings(cfg: Config) -> tuple[int | None, list[str]]:
     return version, warnings
 
 
-def cmd_config_check(args: argparse.Namespace) -> int:
+def cmd_config_check(args: Args) -> int:
     from luksvm import config
 
     cfg = config.load(args.root)
@@ -103,7 +103,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
+def cmd_doctor(args: Args) -> int:
     from luksvm import doctor
 
     if args.list:
@@ -127,7 +127,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def cmd_metrics(args: argparse.Namespace) -> int:
+def cmd_metrics(args: Args) -> int:
     from luksvm import metrics
 
     text = metrics.render(metrics.collect(args.root))
@@ -138,7 +138,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _volumes(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+def _volumes(args: Args) -> tuple[Any, list[Any]]:
     """The configuration and the volumes named on the command line (or all of them)."""
     from luksvm import config
 
@@ -164,7 +164,7 @@ def print_plans(plans: Sequence[Any]) -> None:
             )
 
 
-def cmd_unlock(args: argparse.Namespace) -> int:
+def cmd_unlock(args: Args) -> int:
     from luksvm import unlock
 
     cfg, volumes = _volumes(args)
@@ -175,7 +175,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_lock(args: argparse.Namespace) -> int:
+def cmd_lock(args: Args) -> int:
     from luksvm import unlock
 
     cfg, volumes = _volumes(args)
@@ -188,7 +188,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: Args) -> int:
     from luksvm import config, status
 
     data = status.gather(config.load(args.root))
@@ -205,24 +205,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_FAIL if data["problems"] else EXIT_OK
 
 
-def cmd_guest_start(args: argparse.Namespace) -> int:
+def cmd_guest_start(args: Args) -> int:
     import os
 
-    from luksvm import config, guests, systemctl, virt
+    from luksvm import config, guests, virt
 
     cfg = config.load(args.root)
     cfg.guest(args.guest)
-    if systemctl.systemd_running(cfg.root) and os.environ.get("INVOCATION_ID"):
-        # From its unit: lower-order guests first (see wait_for_earlier_units).
-        guests.wait_for_earlier_units(
-            cfg, args.guest, systemctl.unit_states, timeout=guests.EARLIER_GUEST_WAIT
-        )
+    if os.environ.get("INVOCATION_ID") and guests.earlier_guests(cfg, args.guest):
+        # From its unit: lower-order guests first (see wait_for_earlier_units). systemctl (and
+        # the process runner) is imported only then: ~60 ms in the e2e VM.
+        from luksvm import systemctl
+
+        if systemctl.systemd_running(cfg.root):
+            guests.wait_for_earlier_units(
+                cfg, args.guest, systemctl.unit_states, timeout=guests.EARLIER_GUEST_WAIT
+            )
     with virt.connect(cfg.settings.uri) as conn:
         guests.start_guest(cfg, args.guest, conn)
     return EXIT_OK
 
 
-def cmd_guest_stop(args: argparse.Namespace) -> int:
+def cmd_guest_stop(args: Args) -> int:
     from luksvm import config, guests
 
     cfg = config.load(args.root)
@@ -231,14 +235,14 @@ def cmd_guest_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_shutdown_watch(args: argparse.Namespace) -> int:
+def cmd_shutdown_watch(args: Args) -> int:
     from luksvm import logind
 
     logind.watch()
     return EXIT_OK
 
 
-def cmd_start(args: argparse.Namespace) -> int:
+def cmd_start(args: Args) -> int:
     from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
@@ -267,7 +271,7 @@ def _progress_line(step: guests.Progress | guests.Stopped) -> str:
     return f"{step.guest}: {step.action}"
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
+def cmd_stop(args: Args) -> int:
     from luksvm import config, guests, systemctl
 
     cfg = config.load(args.root)
@@ -285,7 +289,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_header_backup(args: argparse.Namespace) -> int:
+def cmd_header_backup(args: Args) -> int:
     from luksvm import backup, config
 
     cfg = config.load(args.root)
@@ -326,7 +330,7 @@ def cmd_header_backup(args: argparse.Namespace) -> int:
     return EXIT_FAIL if report.failed else EXIT_OK
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def cmd_keys(args: Args) -> int:
     from luksvm import config, enroll
 
     data = enroll.report(config.load(args.root), args.names)
@@ -371,7 +375,7 @@ def _token_detail(token: dict[str, Any]) -> str:
     return text
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
+def cmd_enroll(args: Args) -> int:
     from luksvm import config, enroll, journal, tokens
 
     cfg = config.load(args.root)
@@ -430,7 +434,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prune_stale(args: argparse.Namespace, cfg: Any) -> int:
+def _prune_stale(args: Args, cfg: Any) -> int:
     from luksvm import backup
 
     removed = backup.prune_stale(cfg, args.names, dry_run=args.dry_run)
@@ -444,7 +448,7 @@ def _prune_stale(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_trim(args: argparse.Namespace) -> int:
+def cmd_trim(args: Args) -> int:
     from luksvm import config, trim, virt
 
     cfg = config.load(args.root)
@@ -468,7 +472,7 @@ def cmd_trim(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_WARN
 
 
-def cmd_header_restore(args: argparse.Namespace) -> int:
+def cmd_header_restore(args: Args) -> int:
     from luksvm import backup, config
 
     cfg = config.load(args.root)
@@ -505,6 +509,8 @@ def check_new_size(option: str, text: str) -> None:
 
 def percent(text: str) -> int:
     """argparse type: a whole number 0 or more (--margin)."""
+    import argparse
+
     try:
         value = int(text)
     except ValueError:
@@ -514,7 +520,7 @@ def percent(text: str) -> int:
     return value
 
 
-def cmd_shrink_plan(args: argparse.Namespace) -> int:
+def cmd_shrink_plan(args: Args) -> int:
     from luksvm import shrink
 
     check_new_size("--to", args.to)
@@ -536,7 +542,7 @@ def cmd_shrink_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_shrink_run(args: argparse.Namespace) -> int:
+def cmd_shrink_run(args: Args) -> int:
     from luksvm import shrink
 
     check_new_size("--to", args.to)
@@ -571,7 +577,7 @@ def cmd_shrink_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_grow(args: argparse.Namespace) -> int:
+def cmd_grow(args: Args) -> int:
     from luksvm import grow
     from luksvm.errors import UsageError
 
@@ -611,7 +617,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
+def cmd_apply(args: Args) -> int:
     from luksvm import apply, config, guests
 
     cfg = config.load(args.root)
@@ -626,7 +632,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def cmd_migrate(args: Args) -> int:
     from luksvm import config, migrate, virt
 
     cfg = config.load(args.root)
@@ -674,7 +680,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> Parser:
+def build_parser() -> argparse.ArgumentParser:
+    # argparse is imported here, not on the units' path (unit_command): ~70 ms in the e2e VM.
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """argparse exits 2 on usage errors; luksvm's usage errors are 64 (EX_USAGE)."""
+
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
     parser = Parser(
         prog="luksvm",
         description="Unlock, run and safely stop libvirt guests on LUKS-encrypted raw volumes.",
@@ -1082,7 +1098,7 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
 # them (units/luksvm-guest@.service, luksvm-unlock@.service), with the attributes build_parser()
 # gives them (a unit test compares the two). They skip building the whole parser: 120 options,
 # ~7 ms on the host and ~100 ms in the e2e VM, paid by every guest start and stop.
-Handler = Callable[[argparse.Namespace], int]
+Handler = Callable[[Args], int]
 UNIT_COMMANDS: dict[tuple[str, str, str], tuple[Handler, dict[str, Any]]] = {
     ("guest", "start", "--"): (
         cmd_guest_start,
@@ -1103,7 +1119,7 @@ UNIT_COMMANDS: dict[tuple[str, str, str], tuple[Handler, dict[str, Any]]] = {
 }
 
 
-def unit_command(argv: Sequence[str]) -> argparse.Namespace | None:
+def unit_command(argv: Sequence[str]) -> Args | None:
     """`argv` parsed as build_parser() would, when it is one of the units' commands; else None."""
     if len(argv) != 4:
         return None
@@ -1111,7 +1127,7 @@ def unit_command(argv: Sequence[str]) -> argparse.Namespace | None:
     if words not in UNIT_COMMANDS:
         return None
     func, attributes = UNIT_COMMANDS[words]
-    args = argparse.Namespace(root="/", verbose=False, func=func, **attributes)
+    args = Args(root="/", verbose=False, func=func, **attributes)
     if args.command == "guest":
         args.guest = name
     else:
@@ -1121,7 +1137,7 @@ def unit_command(argv: Sequence[str]) -> argparse.Namespace | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = unit_command(argv) or build_parser().parse_args(attach_signed_values(argv))
+    args = unit_command(argv) or build_parser().parse_args(attach_signed_values(argv), Args())
     journal.setup(verbose=args.verbose)
     handler: Handler = args.func
     try:

@@ -20,7 +20,6 @@ from luksvm import journal, units, virt
 from luksvm.config import Config, GuestPolicy
 from luksvm.durations import USEC_PER_SEC, format_timespan
 from luksvm.errors import LuksvmError, UsageError
-from luksvm.systemctl import unit_state
 
 log = logging.getLogger("luksvm.guests")
 
@@ -478,6 +477,7 @@ def start_through_units(config: Config, names: Sequence[str]) -> Iterator[Progre
     down is restarted: an active unit does not mean a running guest (RemainAfterExit). Nothing
     runs unless the caller iterates."""
     from luksvm.run import run_interactive
+    from luksvm.systemctl import unit_state
 
     failed = []
     with virt.connect(config.settings.uri, readonly=True) as conn:
@@ -507,6 +507,7 @@ def stop_through_units(config: Config, names: Sequence[str]) -> Iterator[Progres
     directly, at the same time; each Stopped once all are done. Nothing runs unless the caller
     iterates."""
     from luksvm.run import run
+    from luksvm.systemctl import unit_state
 
     active = [n for n in names if unit_state(unit_name(n)) == "active"]
     others = [n for n in names if n not in active]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from luksvm import config, guests, units, virt
+from luksvm import config, guests, systemctl, units, virt
 from luksvm.errors import LuksvmError, UsageError
 from tests.conftest import write_config
 
@@ -219,7 +219,7 @@ def test_stop_through_units_one_systemctl_for_active_units_direct_for_the_rest(
 
     ran: list[tuple[list[str], float]] = []
     direct: list[list[str]] = []
-    monkeypatch.setattr(guests, "unit_state", lambda u: "inactive" if "web" in u else "active")
+    monkeypatch.setattr(systemctl, "unit_state", lambda u: "inactive" if "web" in u else "active")
     monkeypatch.setattr(run, "run", lambda argv, timeout: ran.append((argv, timeout)))
     monkeypatch.setattr(
         guests, "stop_guests", lambda _c, names, _connect: direct.append(list(names)) or []
@@ -263,7 +263,7 @@ def test_a_unit_whose_stop_failed_fails_the_admins_stop(
     from luksvm import run
 
     states = {"luksvm-guest@mail.service": "active", "luksvm-guest@web.service": "active"}
-    monkeypatch.setattr(guests, "unit_state", lambda u: states.get(u, "inactive"))
+    monkeypatch.setattr(systemctl, "unit_state", lambda u: states.get(u, "inactive"))
 
     def fake_systemctl(argv: list[str], timeout: float) -> None:
         states["luksvm-guest@mail.service"] = "inactive"
@@ -290,7 +290,7 @@ def test_start_through_units_tells_each_command_before_it_runs_and_prints_nothin
     states = {"luksvm-guest@mail.service": "active"}
     running = SimpleNamespace(is_running=lambda: True)
     conn = SimpleNamespace(find=lambda name: running if name == "mail" else None)
-    monkeypatch.setattr(guests, "unit_state", lambda u: states.get(u, "inactive"))
+    monkeypatch.setattr(systemctl, "unit_state", lambda u: states.get(u, "inactive"))
     monkeypatch.setattr(guests.virt, "connect", lambda uri, readonly: contextlib.nullcontext(conn))
     monkeypatch.setattr(run, "run_interactive", lambda argv, check: ran.append(argv) or 0)
     steps = guests.start_through_units(cfg, ["mail", "web"])

@@ -331,6 +331,44 @@ def test_cli_guest_start_and_stop(cli_conn, make_host, capsys) -> None:  # type:
     assert "no guest 'nosuch'" in capsys.readouterr().err
 
 
+# What the units' guest start and stop must not load: each costs tens of ms in the e2e VM, paid by
+# every guest unit at boot and shutdown (bench/boot.py).
+NOT_ON_THE_GUEST_PATH = ("argparse", "subprocess", "luksvm.run", "luksvm.systemctl", "socket")
+UNIT_PROCESS = """
+import json, sys
+from luksvm import cli, journal
+journal.setup()
+for argv in (["guest", "start", "--", "mail"], ["guest", "stop", "--", "mail"]):
+    args = cli.unit_command(argv)
+    args.root = sys.argv[1]  # the units' own root is /
+    assert args.func(args) == 0
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_the_units_guest_start_and_stop_load_only_what_they_use(make_host) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    host = make_host({"mail": ["cr_a"], "web": ["cr_w"]}, "[guest:web]\norder = 1\n")
+    host.unlock("cr_a")
+    env = {**os.environ, "INVOCATION_ID": "0" * 32}  # as in a unit
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", UNIT_PROCESS, str(host.root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "starting guest mail" in proc.stderr and "guest mail running after" in proc.stderr
+    loaded = set(json.loads(proc.stdout))
+    assert {"luksvm.guests", "luksvm.virt", "libvirt"} <= loaded
+    assert loaded.isdisjoint(NOT_ON_THE_GUEST_PATH), loaded & set(NOT_ON_THE_GUEST_PATH)
+
+
 def test_stop_without_a_qemu_process_succeeds_without_connecting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

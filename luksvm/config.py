@@ -79,6 +79,8 @@ STOP_POLICIES = ("destroy", "managedsave", "fail")
 
 @dataclass(frozen=True)
 class Location:
+    """Where in the configuration: file, line, column (1-based, as compilers print them)."""
+
     path: str
     line: int
     column: int = 1
@@ -89,6 +91,8 @@ class Location:
 
 @dataclass(frozen=True)
 class Problem:
+    """One thing wrong in the configuration, and where."""
+
     where: Location
     message: str
 
@@ -124,6 +128,8 @@ class Key:
 
 @dataclass(frozen=True)
 class Volume:
+    """One crypttab.d line: a volume luksvm unlocks, its key, options and guests."""
+
     name: str
     source: str  # as written: a path or UUID=…/PARTUUID=…/LABEL=…/PARTLABEL=…
     device: str  # the path it names: /dev/disk/by-uuid/… for a UUID= source
@@ -196,6 +202,8 @@ class Volume:
 
 @dataclass(frozen=True)
 class GuestPolicy:
+    """How a guest starts and stops ([guests], overridden by [guest:NAME]); times in µs."""
+
     stop_timeout: int = 120_000_000  # microseconds
     on_timeout: str = "destroy"
     start_delay: int = 0
@@ -204,6 +212,8 @@ class GuestPolicy:
 
 @dataclass(frozen=True)
 class Guest:
+    """A libvirt guest named by volumes (x-luksvm.guest=), with its policy."""
+
     name: str
     volumes: tuple[str, ...]
     policy: GuestPolicy
@@ -211,6 +221,8 @@ class Guest:
 
 @dataclass(frozen=True)
 class Settings:
+    """luksvm.conf, defaults filled in; durations in microseconds."""
+
     uri: str = "qemu:///system"
     guests: GuestPolicy = field(default_factory=GuestPolicy)
     guest_overrides: tuple[tuple[str, GuestPolicy], ...] = ()
@@ -226,6 +238,8 @@ class Settings:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration under a root: volumes, guests, settings, the files read."""
+
     root: str
     volumes: tuple[Volume, ...]
     guests: tuple[Guest, ...]
@@ -259,6 +273,8 @@ class Config:
 
 @dataclass(frozen=True)
 class SettingSpec:
+    """One luksvm.conf setting: its default, kind and the line the manual shows."""
+
     section: str  # "guest:NAME" for the per-guest sections
     key: str
     default: str
@@ -535,6 +551,8 @@ def _settings_from(values: dict[tuple[str, str], str | int]) -> Settings:
 
 @dataclass(frozen=True)
 class _Token:
+    """A word of a crypttab line and the column it starts at."""
+
     text: str
     column: int
 

@@ -10,9 +10,6 @@ systemd is lenient about spelling (a leading "+", "0x10") luksvm asks for the pl
 
 from __future__ import annotations
 
-import base64
-import binascii
-import glob
 import os
 import re
 from collections.abc import Callable
@@ -94,6 +91,9 @@ def _pkcs11(value: str) -> str:
 def _base64_or_auto(value: str) -> str:
     if value == "auto":
         return ""
+    import base64  # here, not at import: every guest unit loads this module (bench/boot.py)
+    import binascii
+
     try:
         base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -249,6 +249,8 @@ def installed_systemd_version(root: str = "/") -> int | None:
         "usr/lib64/systemd/libsystemd-shared-*.so",
         "lib/systemd/libsystemd-shared-*.so",
     )
+    import glob
+
     versions = []
     for pattern in patterns:
         for path in glob.glob(os.path.join(root, pattern)):

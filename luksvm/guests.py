@@ -282,6 +282,8 @@ StopOutcome = Literal["not-running", "shutdown", "destroyed", "saved"]
 
 @dataclass(frozen=True)
 class Stopped:
+    """How a guest stop ended, and after how many seconds."""
+
     guest: str
     how: StopOutcome
     seconds: float

@@ -54,6 +54,8 @@ class VirtError(LuksvmError):
 
 @dataclass(frozen=True)
 class Disk:
+    """A disk of a domain's XML."""
+
     target: str  # vda, sdb …
     device: str  # disk | cdrom | floppy | lun
     source: str  # a device or file path; "" for an empty drive or a network disk

@@ -205,6 +205,13 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
     down = journal.first(r"System is powering down", boot=boot)
     for g in (*waits, "spare"):
         assert_order(end, announced, journal.job_began(guest_unit(g), "stop", boot=boot), down)
+    # through systemd's own API: every guest unit it had loaded, as the glob `systemctl stop`
+    # would have expanded
+    queued = journal.last(r"queued the stop jobs of ", boot=boot)
+    assert_order(announced, queued)
+    assert sorted(queued.message.split(" of ", 1)[1].split(", ")) == sorted(
+        guest_unit(g) for g in (*waits, "spare")
+    ), queued.message
 
     # spare (on_timeout=fail): luksvm waited, said so, and left it to systemd's scope kill
     fail = journal.last(r"on_timeout=fail leaves it running", boot=boot, LUKSVM_GUEST="spare")
@@ -246,7 +253,9 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
         + f"{len(waits)} guests × stop_timeout {STOP_TIMEOUT:g} s (slowest unit {slowest:.1f} s); "
         + f"poweroff → final.target {seconds(final) - seconds(began):.1f} s; logind's wait for "
         + f"delay locks {seconds(down) - seconds(began):.1f} s, the guests' stop jobs began "
-        + f"{min(a for a, _ in spans.values()) - seconds(began):.1f} s after the poweroff",
+        + f"{min(a for a, _ in spans.values()) - seconds(began):.1f} s after the poweroff "
+        + f"(the watch heard logind {seconds(announced) - seconds(began):.2f} s after it, and "
+        + f"had queued them {seconds(queued) - seconds(announced):.2f} s later)",
     )
 
 

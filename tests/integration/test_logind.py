@@ -1,6 +1,6 @@
-"""luksvm shutdown-watch against a real message bus (dbus-daemon), with a stand-in for logind
-that owns its name. What it runs then (systemctl stop) needs systemd: the e2e boot test shows
-that in the VM."""
+"""luksvm shutdown-watch against a real message bus (dbus-daemon), with stand-ins for logind and
+for systemd's manager that own their names. What systemd then does with the stop jobs: the e2e
+boot test shows that in the VM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 
 import pytest
-from jeepney import DBusAddress, HeaderFields, new_signal
+from jeepney import (
+    DBusAddress,
+    HeaderFields,
+    MessageType,
+    new_error,
+    new_method_return,
+    new_signal,
+)
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
@@ -43,6 +51,66 @@ def daemon() -> Iterator[tuple[str, subprocess.Popen[str]]]:
 @pytest.fixture
 def bus(daemon: tuple[str, subprocess.Popen[str]]) -> str:
     return daemon[0]
+
+
+# What the stand-in for systemd has loaded: two guest units among others.
+LOADED = (
+    "luksvm-guest@mail.service",
+    "luksvm-unlock@cr_mail.service",
+    "luksvm-guest@client\\x2da.service",
+    "ssh.service",
+)
+
+
+@pytest.fixture
+def systemd(bus: str) -> Iterator[list[tuple[str, tuple[object, ...]]]]:
+    """A stand-in for systemd's manager on the bus: it owns org.freedesktop.systemd1, answers
+    ListUnitsByPatterns from LOADED (globs as systemd's fnmatch) and StopUnit with a job path.
+    Yields the method calls it got: (member, body)."""
+    calls: list[tuple[str, tuple[object, ...]]] = []
+    done = threading.Event()
+    conn = open_dbus_connection(bus)
+    assert conn.send_and_get_reply(message_bus.RequestName(logind.SYSTEMD)).body == (1,)
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                call = conn.receive(timeout=0.05)
+            except TimeoutError:
+                continue
+            fields = call.header.fields
+            if call.header.message_type != MessageType.method_call:
+                continue
+            if (fields.get(HeaderFields.path), fields.get(HeaderFields.interface)) != (
+                logind.SYSTEMD_PATH,
+                logind.SYSTEMD_MANAGER,
+            ):
+                conn.send(new_error(call, "org.freedesktop.DBus.Error.UnknownObject"))
+                continue
+            member = fields[HeaderFields.member]
+            calls.append((member, call.body))
+            if member == "ListUnitsByPatterns":
+                _states, patterns = call.body  # no states: every loaded unit
+                rows = [
+                    (u, "", "loaded", "active", "exited", "", "/unit", 0, "", "/")
+                    for u in LOADED
+                    if any(fnmatchcase(u, p) for p in patterns)
+                ]
+                conn.send(new_method_return(call, "a(ssssssouso)", (rows,)))
+            elif member == "StopUnit":
+                job = f"/org/freedesktop/systemd1/job/{len(calls)}"
+                conn.send(new_method_return(call, "o", (job,)))
+            else:
+                conn.send(new_error(call, "org.freedesktop.DBus.Error.UnknownMethod"))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield calls
+    finally:
+        done.set()
+        server.join(10)
+        conn.close()
 
 
 def watching(bus: str, **kwargs: object) -> tuple[threading.Thread, list[BaseException]]:
@@ -81,7 +149,9 @@ def test_only_loginds_announcement_of_a_shutdown_stops_the_guests(
         assert real.send_and_get_reply(message_bus.RequestName(logind.LOGIND)).body == (1,)
         before = names(real)
         stopped: list[str] = []
-        watcher, failed = watching(bus, on_shutdown=lambda: stopped.append("guests"), signals=3)
+        watcher, failed = watching(
+            bus, on_shutdown=lambda _conn: stopped.append("guests"), signals=3
+        )
         (watch_name,) = names(real) - before
 
         announce(impostor, True)  # a broadcast: the bus does not route it to the watch
@@ -99,6 +169,46 @@ def test_only_loginds_announcement_of_a_shutdown_stops_the_guests(
     assert said.count("logind announced a shutdown: stopping the guests now") == 1
 
 
+def test_the_guest_units_stop_jobs_are_queued_through_systemds_api(
+    bus: str, systemd: list[tuple[str, tuple[object, ...]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="luksvm.logind")
+    with open_dbus_connection(bus) as real:
+        assert real.send_and_get_reply(message_bus.RequestName(logind.LOGIND)).body == (1,)
+        watcher, failed = watching(bus, signals=1)
+        announce(real, True)
+        watcher.join(10)
+        assert not watcher.is_alive() and not failed, failed
+    # what `systemctl stop --no-block 'luksvm-guest@*.service'` asks systemd: every loaded unit
+    # of the glob (whatever its state), each stopped in mode "replace"
+    assert systemd == [
+        ("ListUnitsByPatterns", ([], ["luksvm-guest@*.service"])),
+        ("StopUnit", ("luksvm-guest@client\\x2da.service", "replace")),
+        ("StopUnit", ("luksvm-guest@mail.service", "replace")),
+    ]
+    assert caplog.records[-1].getMessage() == (
+        "queued the stop jobs of luksvm-guest@client\\x2da.service, luksvm-guest@mail.service"
+    )
+
+
+def test_without_systemd_on_the_bus_the_watch_warns_and_goes_on(
+    bus: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with open_dbus_connection(bus) as real:
+        assert real.send_and_get_reply(message_bus.RequestName(logind.LOGIND)).body == (1,)
+        watcher, failed = watching(bus, signals=2)
+        announce(real, True)
+        announce(real, True)
+        watcher.join(10)
+        assert not watcher.is_alive() and not failed, failed
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert all(
+        w.startswith("could not queue the guests' stop jobs early: ") and logind.SYSTEMD in w
+        for w in warnings
+    ), warnings
+
+
 def test_no_bus_is_a_clear_error() -> None:
     with pytest.raises(LuksvmError, match=r"cannot connect to the D-Bus system bus .*dbus.service"):
         logind.watch("unix:path=/nonexistent/bus", signals=0)
@@ -111,7 +221,7 @@ def test_a_lost_bus_ends_the_watch_with_a_clear_error(
     stopped: list[str] = []
     with open_dbus_connection(address) as impostor:
         before = names(impostor)
-        watcher, failed = watching(address, on_shutdown=lambda: stopped.append("guests"))
+        watcher, failed = watching(address, on_shutdown=lambda _conn: stopped.append("guests"))
         (watch_name,) = names(impostor) - before
         announce(impostor, True, destination=watch_name)  # nobody owns logind's name
         ignored = f"ignored PrepareForShutdown from {impostor.unique_name}: logind is None"

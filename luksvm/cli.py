@@ -204,8 +204,6 @@ def cmd_status(args: Args) -> int:
 
 
 def cmd_guest_start(args: Args) -> int:
-    import os
-
     from luksvm import config, guests, virt
 
     cfg = config.load(args.root)

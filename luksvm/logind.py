@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from luksvm import journal
 from luksvm.errors import LuksvmError
+from luksvm.units import GUEST_TEMPLATE
 
 if TYPE_CHECKING:
     from jeepney.io.blocking import DBusConnection
@@ -34,7 +35,8 @@ SIGNAL = "PrepareForShutdown"
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
-GUEST_UNITS = "luksvm-guest@*.service"  # every loaded guest unit, as `systemctl stop` globs it
+# every loaded guest unit (luksvm-guest@*.service), as `systemctl stop` globs it
+GUEST_UNITS = GUEST_TEMPLATE.replace("@.", "@*.")
 SYSTEMD_ANSWER = 10.0  # seconds for one reply of systemd's manager
 
 

@@ -16,6 +16,7 @@ import pytest
 from jeepney import (
     DBusAddress,
     HeaderFields,
+    Message,
     MessageType,
     new_error,
     new_method_return,
@@ -53,24 +54,32 @@ def bus(daemon: tuple[str, subprocess.Popen[str]]) -> str:
     return daemon[0]
 
 
-# What the stand-in for systemd has loaded: two guest units among others.
+# What the stand-in for systemd has loaded: three guest units among others; it refuses to stop
+# the one whose unit file went away.
 LOADED = (
     "luksvm-guest@mail.service",
     "luksvm-unlock@cr_mail.service",
     "luksvm-guest@client\\x2da.service",
+    "luksvm-guest@gone.service",
     "ssh.service",
 )
+GUEST_UNITS = [u for u in LOADED if u.startswith("luksvm-guest@")]
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 
 
 @pytest.fixture
 def systemd(bus: str) -> Iterator[list[tuple[str, tuple[object, ...]]]]:
     """A stand-in for systemd's manager on the bus: it owns org.freedesktop.systemd1, answers
-    ListUnitsByPatterns from LOADED (globs as systemd's fnmatch) and StopUnit with a job path.
+    ListUnitsByPatterns from LOADED (globs as systemd's fnmatch) and StopUnit with a job path
+    (NoSuchUnit for the "gone" unit) — but only once it holds a StopUnit request for every guest
+    unit, so a watch that waits for each answer before the next request gets none.
     Yields the method calls it got: (member, body)."""
     calls: list[tuple[str, tuple[object, ...]]] = []
     done = threading.Event()
     conn = open_dbus_connection(bus)
     assert conn.send_and_get_reply(message_bus.RequestName(logind.SYSTEMD)).body == (1,)
+
+    held: list[Message] = []  # StopUnit requests not answered yet
 
     def serve() -> None:
         while not done.is_set():
@@ -98,8 +107,16 @@ def systemd(bus: str) -> Iterator[list[tuple[str, tuple[object, ...]]]]:
                 ]
                 conn.send(new_method_return(call, "a(ssssssouso)", (rows,)))
             elif member == "StopUnit":
-                job = f"/org/freedesktop/systemd1/job/{len(calls)}"
-                conn.send(new_method_return(call, "o", (job,)))
+                held.append(call)
+                if len(held) < len(GUEST_UNITS):
+                    continue
+                for request in held:
+                    if "gone" in request.body[0]:
+                        refusal = f"Unit {request.body[0]} not loaded."  # systemd's words
+                        conn.send(new_error(request, NO_SUCH_UNIT, "s", (refusal,)))
+                    else:
+                        job = f"/org/freedesktop/systemd1/job/{len(calls)}"
+                        conn.send(new_method_return(request, "o", (job,)))
             else:
                 conn.send(new_error(call, "org.freedesktop.DBus.Error.UnknownMethod"))
 
@@ -152,10 +169,12 @@ def test_only_loginds_announcement_of_a_shutdown_stops_the_guests(
         watcher, failed = watching(
             bus, on_shutdown=lambda _conn: stopped.append("guests"), signals=3
         )
-        (watch_name,) = names(real) - before
+        watch_names = names(real) - before  # its connections: for signals, for calls
+        assert len(watch_names) == 2, watch_names
 
         announce(impostor, True)  # a broadcast: the bus does not route it to the watch
-        announce(impostor, True, destination=watch_name)  # sent to it: checked, ignored
+        for name in sorted(watch_names):  # sent to it: checked, ignored
+            announce(impostor, True, destination=name)
         announce(real, False)  # a shutdown called off
         announce(real, True)
         watcher.join(10)
@@ -184,11 +203,21 @@ def test_the_guest_units_stop_jobs_are_queued_through_systemds_api(
     assert systemd == [
         ("ListUnitsByPatterns", ([], ["luksvm-guest@*.service"])),
         ("StopUnit", ("luksvm-guest@client\\x2da.service", "replace")),
+        ("StopUnit", ("luksvm-guest@gone.service", "replace")),
         ("StopUnit", ("luksvm-guest@mail.service", "replace")),
     ]
-    assert caplog.records[-1].getMessage() == (
-        "queued the stop jobs of luksvm-guest@client\\x2da.service, luksvm-guest@mail.service"
-    )
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said[-2:] == [
+        (
+            logging.WARNING,
+            "could not queue the guests' stop jobs early: luksvm-guest@gone.service "
+            f"({NO_SUCH_UNIT}: Unit luksvm-guest@gone.service not loaded.)",
+        ),
+        (
+            logging.INFO,
+            "queued the stop jobs of luksvm-guest@client\\x2da.service, luksvm-guest@mail.service",
+        ),
+    ]
 
 
 def test_without_systemd_on_the_bus_the_watch_warns_and_goes_on(
@@ -222,8 +251,8 @@ def test_a_lost_bus_ends_the_watch_with_a_clear_error(
     with open_dbus_connection(address) as impostor:
         before = names(impostor)
         watcher, failed = watching(address, on_shutdown=lambda _conn: stopped.append("guests"))
-        (watch_name,) = names(impostor) - before
-        announce(impostor, True, destination=watch_name)  # nobody owns logind's name
+        for name in sorted(names(impostor) - before):
+            announce(impostor, True, destination=name)  # nobody owns logind's name
         ignored = f"ignored PrepareForShutdown from {impostor.unique_name}: logind is None"
         deadline = time.monotonic() + 10
         while ignored not in [r.getMessage() for r in caplog.records]:

@@ -339,11 +339,15 @@ def customize(rootfs: Path, key: str) -> None:
         if link.exists() or link.is_symlink():
             link.unlink()
         link.symlink_to("/dev/null")
-    wants = units / "multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    runner = wants / "e2e-runner.service"
-    if not runner.is_symlink():
-        runner.symlink_to("/etc/systemd/system/e2e-runner.service")
+    for wanted_by, unit in (
+        ("multi-user.target", "e2e-runner.service"),
+        ("sysinit.target", "e2e-heartbeat.service"),
+    ):
+        wants = units / f"{wanted_by}.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        link = wants / unit
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{unit}")
     # A fixed machine id: no "first boot" (systemd-firstboot would prompt on the console), and every
     # boot of every VM from this image writes its journal to the same /var/log/journal/<id>.
     (rootfs / "etc/machine-id").write_text(hashlib.sha256(key.encode()).hexdigest()[:32] + "\n")

@@ -52,9 +52,10 @@ class SeedHost:
 
         machine, result = seed_boot(workdir)
         if result.boot_again:
-            # Once, a fresh seed: every test stands on it, and a hung vCPU or a panic under
-            # emulation is not luksvm's doing. The boot's console and journal stay in `workdir`.
-            note("seed boot hung or panicked, built again", f"{result.problem} ({result.dir})")
+            # Once, a fresh seed: every test stands on it, and a hung vCPU, a panic or a frozen
+            # VM under emulation is not luksvm's doing. The boot's console and journal stay in
+            # `workdir`.
+            note(f"seed boot {result.broke}, built again", f"{result.problem} ({result.dir})")
             machine.discard()
             machine, result = seed_boot(workdir.with_name(workdir.name + "-again"))
         machine.check(result)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from . import seed, settings
+from . import seed, settings, vm
 from .image import Image
 from .project import REPO
 from .seed import SeedHost
@@ -22,11 +22,24 @@ pytestmark = pytest.mark.e2e
 
 FAKE_QEMU = """#!/bin/bash
 # Stands in for QEMU: writes console lines, then never exits by itself ($FAKE_MODE: hang, panic,
-# lockup: a vCPU reported stuck for longer and longer, short-lockup: stuck once for 45 s).
+# lockup: a vCPU reported stuck for longer and longer, short-lockup: stuck once for 45 s, frozen:
+# two heartbeats, then none). The first -serial is the console, the second the heartbeat.
+serials=()
 while [ $# -gt 0 ]; do
-    case $1 in -serial) console=${2#file:}; shift ;; esac
+    case $1 in -serial) serials+=("${2#file:}"); shift ;; esac
     shift
 done
+console=${serials[0]} heartbeat=${serials[1]}
+if [ "$FAKE_MODE" = frozen ]; then
+    printf 'E2E-ALIVE uptime=1.00\nE2E-ALIVE uptime=6.00\n' >> "$heartbeat"
+else
+    # a heartbeat until this process (exec'd into sleep below) is stopped
+    me=$$
+    while kill -0 "$me" 2> /dev/null; do
+        echo "E2E-ALIVE uptime=$SECONDS" >> "$heartbeat"
+        sleep 0.2
+    done &
+fi
 for i in $(seq 1 50); do echo "fake boot line $i" >> "$console"; done
 if [ "$FAKE_MODE" = panic ]; then
     echo "Kernel panic - not syncing: VFS: Unable to mount root fs" >> "$console"
@@ -65,16 +78,24 @@ def fake_machine(tmp_path: Path) -> Machine:
         ("panic", "the console shows 'Kernel panic - not syncing'"),
         ("lockup", "the console shows 'watchdog: BUG: soft lockup - CPU#0 stuck for 131s'"),
         ("short-lockup", "no scenario result within"),  # a busy host: not yet a hang
+        ("frozen", "the VM froze: no heartbeat on ttyS1 for"),
     ],
 )
-def test_hung_or_panicked_vm_is_stopped_with_console_tail(
+def test_hung_panicked_or_frozen_vm_is_stopped_with_console_tail(
     fake_machine: Machine, monkeypatch: pytest.MonkeyPatch, mode: str, reason: str
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", mode)
+    # 1.5 s without a heartbeat is a freeze here: shorter than the timeout of the modes whose
+    # heartbeat goes on (they must not count as frozen), much shorter than the frozen mode's
+    monkeypatch.setattr(vm, "FROZEN_SECONDS", 1.5)
+    timeout = 20 if mode == "frozen" else 3
     started = time.monotonic()
     with pytest.raises(BootFailed) as failure:
-        fake_machine.boot("true\n", timeout=3)
-    assert time.monotonic() - started < settings.scaled(3) + 10
+        fake_machine.boot("true\n", timeout=timeout)
+    assert time.monotonic() - started < settings.scaled(timeout) + 10
+    if mode == "frozen":  # each of the two boots was stopped long before its timeout
+        assert failure.value.result.seconds < settings.scaled(timeout) / 2
+        assert "(the last at uptime 6.00 s)" in str(failure.value)
     message = str(failure.value)
     assert reason in message
     assert "fake boot line 50" in message
@@ -82,9 +103,12 @@ def test_hung_or_panicked_vm_is_stopped_with_console_tail(
     assert failure.value.result.rc is None
     assert failure.value.result.hung == (mode == "lockup")
     assert failure.value.result.panicked == (mode == "panic")
-    # a hung or panicked boot, and only that, ran once more from the disks as they were before it
+    assert failure.value.result.frozen == (mode == "frozen")
+    # a hung, panicked or frozen boot, and only that, ran once more from the disks as they were
+    # before it
     broken = {p.name for p in fake_machine.workdir.glob("boot-1-*") if (p / "console.log").exists()}
-    assert broken == {"lockup": {"boot-1-hung"}, "panic": {"boot-1-panicked"}}.get(mode, set())
+    expected = {"lockup": "boot-1-hung", "panic": "boot-1-panicked", "frozen": "boot-1-frozen"}
+    assert broken == ({expected[mode]} if mode in expected else set())
     assert len(fake_machine.boots) == 1
     snapshots = subprocess.run(
         ["qemu-img", "snapshot", "-l", str(fake_machine.root.path)],

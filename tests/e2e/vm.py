@@ -60,6 +60,16 @@ FATAL_CONSOLE = (
 HUNG_CONSOLE = re.compile(r"watchdog: BUG: soft lockup - CPU#\d+ stuck for (\d+)s")
 HUNG_SECONDS = 120
 
+# The guest's heartbeat (e2e-heartbeat.service, rootfs/) writes a line to the second serial port
+# every 5 s of its time from early boot on. A VM whose heartbeat stops this long has frozen as a
+# whole, which no scenario can cause short of a kernel bug: seen once under TCG (doctor[bookworm]
+# boot 2, CI of 1036cf4): an empty console, the journal on the disk ending 9.2 s into the boot
+# although journald syncs every second, nothing more until the timeout 600 s later. A boot that
+# only waits (a prompt, a start job) keeps its heartbeat and runs into the timeout as before.
+HEARTBEAT_LOG = "heartbeat.log"
+FROZEN_SECONDS = 120.0
+FROZEN_PROBLEM = "the VM froze"
+
 _SERIAL = re.compile(r"^[A-Za-z0-9_-]{1,20}$")  # virtio-blk serials: at most 20 bytes
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -121,9 +131,20 @@ class BootResult:
         return bool(self.problem and PANIC_CONSOLE in self.problem)
 
     @property
+    def frozen(self) -> bool:
+        """Stopped because the guest's heartbeat stopped (FROZEN_SECONDS): QEMU or the guest kernel
+        froze as a whole."""
+        return bool(self.problem and self.problem.startswith(FROZEN_PROBLEM))
+
+    @property
+    def broke(self) -> str:
+        """How QEMU or the kernel, not the scenario, gave up: hung, panicked, frozen, or ""."""
+        return next((how for how in ("hung", "panicked", "frozen") if getattr(self, how)), "")
+
+    @property
     def boot_again(self) -> bool:
-        """Worth one more boot from the same disks: the kernel, not the scenario, gave up."""
-        return self.hung or self.panicked
+        """Worth one more boot from the same disks: QEMU or the kernel gave up, not the scenario."""
+        return bool(self.broke)
 
     @property
     def system_state(self) -> str:
@@ -203,6 +224,7 @@ class Outcome:
     seconds: float
     timed_out: bool = False
     fatal: str | None = None  # console text that stopped the run
+    frozen: float | None = None  # seconds without a heartbeat that stopped the run
     marks: dict[str, float] = field(default_factory=dict)  # console marker → seconds after start
 
 
@@ -214,12 +236,17 @@ def run_bounded(
     timeout: float,
     fatal: Sequence[str] = FATAL_CONSOLE,
     marks: Mapping[str, str] | None = None,
+    heartbeat: Path | None = None,
 ) -> Outcome:
     """Run a VM process (in its own process group) until it exits, the console shows a fatal
-    pattern, or `timeout` seconds pass; then kill it. Never waits longer than the timeout."""
+    pattern, the `heartbeat` file stops growing for FROZEN_SECONDS (scaled), or `timeout` seconds
+    pass; then kill it. Never waits longer than the timeout."""
     marks = dict(marks or {})
     seen: dict[str, float] = {}
     start = time.monotonic()
+    frozen_after = settings.scaled(FROZEN_SECONDS)
+    beats = 0  # the heartbeat file's size when it last grew
+    last_beat = 0.0  # seconds after start; the start counts as a sign of life
     cpu_before = _children_cpu()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -253,8 +280,14 @@ def run_bounded(
                 hung = _hung(window)
                 if hung and returncode is None:
                     return Outcome(None, elapsed, fatal=hung, marks=seen)
+            if heartbeat is not None and heartbeat.exists():
+                size = heartbeat.stat().st_size
+                if size > beats:
+                    beats, last_beat = size, elapsed
             if returncode is not None:
                 return Outcome(returncode, elapsed, marks=seen)
+            if heartbeat is not None and elapsed - last_beat > frozen_after:
+                return Outcome(None, elapsed, frozen=round(elapsed - last_beat, 1), marks=seen)
             if elapsed > timeout:
                 return Outcome(None, elapsed, timed_out=True, marks=seen)
     finally:
@@ -409,8 +442,8 @@ class Machine:
         when the boot has finished (`systemctl is-system-running --wait`), or after `boot_wait`
         seconds (scaled; 0: at once), whichever comes first; `result.system_state` says which.
         With check=True (the default) anything but a clean run with rc 0 raises BootFailed.
-        A boot whose vCPU hung or whose kernel panicked (BootResult.boot_again) is run once more
-        from the disks as they were before it, when they are all qcow2 (clones are).
+        A boot whose vCPU hung, whose kernel panicked or that froze (BootResult.boot_again) is run
+        once more from the disks as they were before it, when they are all qcow2 (clones are).
         """
         # A failing test's traceback shows the test's line and BootFailed's message, not this frame.
         __tracebackhide__ = operator.methodcaller("errisinstance", BootFailed)
@@ -437,6 +470,7 @@ class Machine:
                 log=bdir / "qemu.log",
                 timeout=effective,
                 marks={"runner_start": "E2E-BEGIN", "scenario_end": "E2E-RC:"},
+                heartbeat=bdir / HEARTBEAT_LOG,
             )
         _read_back(e2e_img, bdir)
         e2e_img.unlink()
@@ -462,7 +496,7 @@ class Machine:
         if snapshot and result.boot_again:
             self._snapshots("-a", snapshot)
             self._snapshots("-d", snapshot)
-            how = "hung" if result.hung else "panicked"
+            how = result.broke
             broken_dir = bdir.with_name(f"{bdir.name}-{how}")
             shutil.rmtree(broken_dir, ignore_errors=True)
             bdir.rename(broken_dir)
@@ -636,6 +670,8 @@ class Machine:
             "none",
             "-serial",
             f"file:{console}",
+            "-serial",
+            f"file:{console.with_name(HEARTBEAT_LOG)}",
             "-nic",
             "none",
             "-no-reboot",
@@ -710,6 +746,15 @@ def note(name: str, text: str) -> None:
 
 
 def _problem(outcome: Outcome, rc: int | None, timeout: float, bdir: Path) -> str | None:
+    if outcome.frozen is not None:
+        beats = (bdir / HEARTBEAT_LOG).read_text(errors="replace").split()
+        uptimes = [word.partition("=")[2] for word in beats if word.startswith("uptime=")]
+        last = f"the last at uptime {uptimes[-1]} s" if uptimes else "none at all"
+        return (
+            f"{FROZEN_PROBLEM}: no heartbeat on ttyS1 for {outcome.frozen:.0f} s ({last}); QEMU or "
+            "the guest kernel stopped, the console and the journal on the disk end there; "
+            "the VM was killed"
+        )
     if outcome.fatal:
         return f"the console shows {outcome.fatal!r}; the VM was stopped"
     if outcome.timed_out:

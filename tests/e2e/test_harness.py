@@ -23,7 +23,8 @@ pytestmark = pytest.mark.e2e
 FAKE_QEMU = """#!/bin/bash
 # Stands in for QEMU: writes console lines, then never exits by itself ($FAKE_MODE: hang, panic,
 # lockup: a vCPU reported stuck for longer and longer, short-lockup: stuck once for 45 s, frozen:
-# two heartbeats, then none). The first -serial is the console, the second the heartbeat.
+# two heartbeats, then none, final-hang: the heartbeat's last line as systemd-shutdown ends it,
+# then a hang). The first -serial is the console, the second the heartbeat.
 serials=()
 while [ $# -gt 0 ]; do
     case $1 in -serial) serials+=("${2#file:}"); shift ;; esac
@@ -32,6 +33,8 @@ done
 console=${serials[0]} heartbeat=${serials[1]}
 if [ "$FAKE_MODE" = frozen ]; then
     printf 'E2E-ALIVE uptime=1.00\nE2E-ALIVE uptime=6.00\n' >> "$heartbeat"
+elif [ "$FAKE_MODE" = final-hang ]; then
+    printf 'E2E-ALIVE uptime=1.00\nE2E-ALIVE-END uptime=1.00\n' >> "$heartbeat"
 else
     # a heartbeat until this process (exec'd into sleep below) is stopped
     me=$$
@@ -79,6 +82,7 @@ def fake_machine(tmp_path: Path) -> Machine:
         ("lockup", "the console shows 'watchdog: BUG: soft lockup - CPU#0 stuck for 131s'"),
         ("short-lockup", "no scenario result within"),  # a busy host: not yet a hang
         ("frozen", "the VM froze: no heartbeat on ttyS1 for"),
+        ("final-hang", "no scenario result within"),  # a shutdown that hangs is no freeze
     ],
 )
 def test_hung_panicked_or_frozen_vm_is_stopped_with_console_tail(
@@ -86,7 +90,8 @@ def test_hung_panicked_or_frozen_vm_is_stopped_with_console_tail(
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", mode)
     # 1.5 s without a heartbeat is a freeze here: shorter than the timeout of the modes whose
-    # heartbeat goes on (they must not count as frozen), much shorter than the frozen mode's
+    # heartbeat goes on or has ended (they must not count as frozen), much shorter than the frozen
+    # mode's
     monkeypatch.setattr(vm, "FROZEN_SECONDS", 1.5)
     timeout = 20 if mode == "frozen" else 3
     started = time.monotonic()

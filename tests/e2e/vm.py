@@ -66,7 +66,10 @@ HUNG_SECONDS = 120
 # boot 2, CI of 1036cf4): an empty console, the journal on the disk ending 9.2 s into the boot
 # although journald syncs every second, nothing more until the timeout 600 s later. A boot that
 # only waits (a prompt, a start job) keeps its heartbeat and runs into the timeout as before.
+# The heartbeat's last line (HEARTBEAT_END, when systemd-shutdown ends it) turns the watch off:
+# a shutdown that hangs after it is the scenario's failure ("did not power off"), not a freeze.
 HEARTBEAT_LOG = "heartbeat.log"
+HEARTBEAT_END = "E2E-ALIVE-END"
 FROZEN_SECONDS = 120.0
 FROZEN_PROBLEM = "the VM froze"
 
@@ -247,6 +250,7 @@ def run_bounded(
     frozen_after = settings.scaled(FROZEN_SECONDS)
     beats = 0  # the heartbeat file's size when it last grew
     last_beat = 0.0  # seconds after start; the start counts as a sign of life
+    beats_ended = False  # the heartbeat said it ends (the shutdown's last stage)
     cpu_before = _children_cpu()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -280,13 +284,16 @@ def run_bounded(
                 hung = _hung(window)
                 if hung and returncode is None:
                     return Outcome(None, elapsed, fatal=hung, marks=seen)
-            if heartbeat is not None and heartbeat.exists():
-                size = heartbeat.stat().st_size
-                if size > beats:
-                    beats, last_beat = size, elapsed
+            if heartbeat is not None and not beats_ended and heartbeat.exists():
+                with open(heartbeat, "rb") as handle:
+                    handle.seek(beats)
+                    new = handle.read()
+                if new:
+                    beats, last_beat = beats + len(new), elapsed
+                    beats_ended = HEARTBEAT_END.encode() in new
             if returncode is not None:
                 return Outcome(returncode, elapsed, marks=seen)
-            if heartbeat is not None and elapsed - last_beat > frozen_after:
+            if heartbeat is not None and not beats_ended and elapsed - last_beat > frozen_after:
                 return Outcome(None, elapsed, frozen=round(elapsed - last_beat, 1), marks=seen)
             if elapsed > timeout:
                 return Outcome(None, elapsed, timed_out=True, marks=seen)

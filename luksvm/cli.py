@@ -1069,14 +1069,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Options whose value may start with "-" and a digit (a negative number with a unit, such as
-# `--to -5GiB`): argparse would take the value for an option and say "expected one argument", so
-# the value is attached (`--to=-5GiB`) and the command refuses it with its own message.
-SIGNED_VALUE_OPTIONS = frozenset({"--to", "--by", "--margin"})
+# Options whose value may begin with "-", which argparse would take for an option and say
+# "expected one argument": a value that looks like theirs is attached (`--to=-5GiB`). A negative
+# size (`--to -5GiB`), which the command then refuses with its own message; a Tang thumbprint,
+# base64url (RFC 7638), of which one in 64 begins with "-" — `--thumbprint "$(tang-show-keys)"`
+# must not fail at random. A thumbprint is 27 (SHA-1) or 43 (SHA-256) characters; no option of
+# luksvm is that long, so an option that follows a missing thumbprint is never taken for one.
+DASH_VALUE_OPTIONS = {
+    "--to": re.compile(r"-[0-9.]"),
+    "--by": re.compile(r"-[0-9.]"),
+    "--margin": re.compile(r"-[0-9.]"),
+    "--thumbprint": re.compile(r"-[A-Za-z0-9_-]{26,}$"),
+}
 
 
-def attach_signed_values(argv: Sequence[str]) -> list[str]:
-    """`--to -5GiB` → `--to=-5GiB` for the options in SIGNED_VALUE_OPTIONS (not after `--`)."""
+def attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--to -5GiB` → `--to=-5GiB`, for the options in DASH_VALUE_OPTIONS (not after `--`)."""
     out: list[str] = []
     rest = list(argv)
     while rest:
@@ -1084,7 +1092,8 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
         if arg == "--":
             out += [arg, *rest]
             break
-        if arg in SIGNED_VALUE_OPTIONS and rest and re.match(r"-[0-9.]", rest[0]):
+        looks = DASH_VALUE_OPTIONS.get(arg)
+        if looks is not None and rest and looks.match(rest[0]):
             arg = f"{arg}={rest.pop(0)}"
         out.append(arg)
     return out
@@ -1133,7 +1142,7 @@ def unit_command(argv: Sequence[str]) -> Args | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = unit_command(argv) or build_parser().parse_args(attach_signed_values(argv), Args())
+    args = unit_command(argv) or build_parser().parse_args(attach_dash_values(argv), Args())
     journal.setup(verbose=args.verbose)
     handler: Handler = args.func
     try:

@@ -106,6 +106,7 @@ class Opener:
     description: str
     guest: str = ""
     mount_point: str = ""
+    scanner: bool = False  # a tool that opens block devices only to read them (SCANNERS)
 
     def __str__(self) -> str:
         return self.description
@@ -175,6 +176,15 @@ def _open_block_devices(numbers: set[int]) -> Iterable[tuple[int, int]]:
                 break
 
 
+# Commands that open block devices only for a moment, to read labels and metadata: LVM's (the
+# other volumes' locks run `pvs --devices` over every open LUKS mapping, so at shutdown, where the
+# locks run together, one lock's scan holds another's mapping; seen in the VM), and udev's probes.
+SCANNERS = frozenset(
+    {"lvm", "pvs", "vgs", "lvs", "pvscan", "vgscan", "lvscan", "vgchange", "blkid"}
+    | {"(udev-worker)", "systemd-udevd"}
+)
+
+
 def describe_process(pid: int) -> Opener:
     """'QEMU of guest "mail" (pid 812)' for a guest's QEMU, 'dd (pid 9)' for anything else."""
     try:
@@ -186,7 +196,7 @@ def describe_process(pid: int) -> Opener:
     if guest:
         return Opener(f'QEMU of guest "{guest}" (pid {pid})', guest=guest)
     command = os.path.basename(argv[0]) if argv else "a process"
-    return Opener(f"{command} (pid {pid})")
+    return Opener(f"{command} (pid {pid})", scanner=command in SCANNERS)
 
 
 def qemu_guest_name(argv: list[str]) -> str:

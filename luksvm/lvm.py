@@ -421,6 +421,9 @@ class VolumeGroup:
         return "LVM-" + self.uuid.replace("-", "")
 
 
+MISSING_PV = "[unknown]"  # LVM's pv_name for a PV of a VG it did not find
+
+
 def volume_groups_on(devices: Sequence[str]) -> list[VolumeGroup]:
     """The VGs with a PV on any of `devices`, each with all of its PVs among them.
 
@@ -438,7 +441,10 @@ def volume_groups_on(devices: Sequence[str]) -> list[VolumeGroup]:
         if not row["vg_name"]:
             continue
         vg = found.get(row["vg_name"])
-        pvs = (*vg.pvs, row["pv_name"]) if vg else (row["pv_name"],)
+        # A PV of the VG that is not among `devices` is listed as "[unknown]": it counts in
+        # pv_count only (a VG with fewer PVs than that is partial here).
+        here = () if row["pv_name"] == MISSING_PV else (row["pv_name"],)
+        pvs = (*vg.pvs, *here) if vg else here
         found[row["vg_name"]] = VolumeGroup(
             row["vg_name"], row["vg_uuid"], int(row["pv_count"] or 0), pvs
         )

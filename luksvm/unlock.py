@@ -41,8 +41,10 @@ SETTLE_TIMEOUT = 30
 VGCHANGE_TIMEOUT = 120
 UNIT_STOP_TIMEOUT = 120  # the unlock unit's TimeoutStopSec=90s, plus systemctl's own time
 SYSTEMCTL_TIMEOUT = 30
-# How long a lock waits for openers no process explains to go away. Seen in the VM at shutdown:
-# a guest's QEMU SIGKILLed with its machine scope held the mapping for some seconds more.
+# How long a lock waits for openers that go away by themselves: ones no process explains, and
+# scans (devmapper.SCANNERS). Seen in the VM at shutdown, where the locks run together and each
+# one's `pvs` reads every open mapping: the mapping held for some seconds after its guest's QEMU
+# was SIGKILLed with its machine scope.
 TRANSIENT_WAIT = 15.0
 # libvirt states in which a guest has no QEMU (so its luksvm-guest@ unit is only a leftover)
 STOPPED_DOMAIN_STATES = frozenset({"shutoff", "missing"})
@@ -73,7 +75,8 @@ class Plan:
     done: str = ""  # why there is nothing to do
     refusal: str = ""  # why it must not be done; nothing was changed
     notes: tuple[str, ...] = ()
-    # refused only for openers no process explains (one exiting, udev probing): may pass soon
+    # refused only for openers no process explains (one exiting) or scans (LVM's, udev's): may
+    # pass soon
     transient: bool = False
     # the steps are alternatives, tried in order until one unlocks (unattended sources)
     attempts: bool = False
@@ -417,7 +420,7 @@ class Held:
 
     text: str  # for people: 'dm-7 (vgmail-root, active)', 'QEMU of guest "mail" (pid 812)'
     fix: str = ""  # "" when only the volume's guests can be suggested
-    unexplained: bool = False  # an opener no process or mount explains (may be transient)
+    unexplained: bool = False  # no process or mount explains it, or a scan: may be transient
     rank: int = 0  # the order fixes are given in: guests, then mounts, then VGs
 
 
@@ -473,7 +476,7 @@ def _release(user: devmapper.Opener) -> tuple[str, bool, int]:
         return f'stop guest "{user.guest}" first (luksvm stop {user.guest})', False, 0
     if user.mount_point:
         return f"unmount {user.mount_point}", False, 1
-    return "", False, 0
+    return "", user.scanner, 0
 
 
 def _fix(volume: Volume, held: list[Held]) -> str:
@@ -486,10 +489,17 @@ def _fix(volume: Volume, held: list[Held]) -> str:
 
 def guest_vgs(device: str, candidates: Sequence[str]) -> list[VolumeGroup]:
     """The VGs with a PV on `device`, each with all its PVs among `candidates` (the open LUKS
-    mappings: a guest VG may span several)."""
+    mappings: a guest VG may span several).
+
+    LVM reads `device` alone first, and the other candidates only when a VG on it has more PVs:
+    at shutdown the locks run together, and a scan of every mapping holds the others' mappings
+    open while they check them (they then wait for it)."""
     from luksvm import lvm
 
     path = os.path.realpath(device)
+    own = lvm.volume_groups_on([device])
+    if all(vg.pv_count <= len(vg.pvs) for vg in own):
+        return own
     return [
         vg
         for vg in lvm.volume_groups_on(candidates)
@@ -514,16 +524,17 @@ def probe_lock(volume: Volume, *, with_lvm: bool = True) -> LockProbe:
 def settled_lock_plan(
     volume: Volume, *, with_lvm: bool = True, wait: float = TRANSIENT_WAIT
 ) -> Plan:
-    """lock_plan on a fresh probe; while it is refused only for openers no process explains,
-    settle udev and look again, for up to `wait` seconds. Never forces: what still holds the
-    mapping after that is refused as before."""
+    """lock_plan on a fresh probe; while it is refused only for openers that may go by
+    themselves (not found in /proc, or scans), settle udev and look again, for up to `wait`
+    seconds. Never forces: what still holds the mapping after that is refused as before."""
     from luksvm import blockdev
 
     plan = lock_plan(volume, probe_lock(volume, with_lvm=with_lvm))
     if not (plan.transient and wait > 0):
         return plan
     log.info(
-        "%s: held by an opener no process explains; waiting up to %g s for it to go",
+        "%s: held by an opener that may go by itself (a scan, or one not found in /proc); "
+        "waiting up to %g s for it to go",
         volume.name,
         wait,
         extra=journal.fields(volume=volume.name),

@@ -49,6 +49,26 @@ def scope_entries(journal: Journal, guest: str, boot: str) -> list[Entry]:
     return [e for e in journal.find(boot=boot) if is_scope_of(e, guest)]
 
 
+def locked_entry(journal: Journal, volume: str, boot: str) -> Entry:
+    """luksvm's "VOLUME: locked" at shutdown; without it, everything said about the volume and
+    its unit from the poweroff on (what the lock did instead is the one thing to know then)."""
+    found = journal.find(r": locked$", boot=boot, LUKSVM_VOLUME=volume)
+    if found:
+        return found[-1]
+    began = journal.first(r"The system will power off now", boot=boot).monotonic
+    unit = unlock_unit(volume)
+    said = [
+        e
+        for e in journal.find(boot=boot)
+        if e.monotonic >= began
+        and (e.get("LUKSVM_VOLUME") == volume or unit in (e.unit, e.about) or volume in e.message)
+    ]
+    raise AssertionError(
+        f"{volume}: no ': locked' entry at shutdown; what the journal says about it:\n"
+        + "\n".join(map(str, said))
+    )
+
+
 def seconds(entry: Entry) -> float:
     return entry.monotonic / 1e6
 
@@ -226,7 +246,7 @@ def check_shutdown(journal: Journal, admin: BootResult) -> None:
         assert_order(journal.last(about=unit, JOB_TYPE="stop", boot=boot), libvirtd)
     assert_order(killed[-1], journal.job(unlock_unit("cr_spare"), "stop", boot=boot))
     vg_off = journal.last(r"deactivating guest VG vgmail", boot=boot, LUKSVM_VOLUME="cr_imap_encr")
-    locked = {v: journal.last(r": locked$", boot=boot, LUKSVM_VOLUME=v) for v in ALL_VOLUMES}
+    locked = {v: locked_entry(journal, v, boot) for v in ALL_VOLUMES}
     assert_order(libvirtd, vg_off, locked["cr_imap_encr"])
     unlock_stopped = [journal.job(unlock_unit(v), "stop", boot=boot) for v in ALL_VOLUMES]
     for entry, stopped in zip(locked.values(), unlock_stopped):

@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from luksvm import config, cryptsetup, keys, lvm, unlock
+from luksvm import config, cryptsetup, devmapper, keys, lvm, unlock
 from luksvm.devmapper import DmDevice
 from luksvm.errors import LuksvmError
 from luksvm.unlock import LockProbe
@@ -311,7 +312,10 @@ def test_unknown_keyring_backend_is_named(tmp_path: Path) -> None:
 
 
 def test_lock_plan_finds_a_guest_vg_spanning_two_devices(
-    tmp_path: Path, lvm_env: dict[str, str], loop_device: Callable[[Path], str]
+    tmp_path: Path,
+    lvm_env: dict[str, str],
+    loop_device: Callable[[Path], str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     devices = []
     for name in ("a", "b", "c"):
@@ -326,7 +330,24 @@ def test_lock_plan_finds_a_guest_vg_spanning_two_devices(
         sh("vgcreate", "-q", "-s", "4m", other_vg, c, env=lvm_env)
         (vg,) = unlock.guest_vgs(a, devices)
         assert (vg.name, vg.pv_count, sorted(vg.pvs)) == (guest_vg, 2, sorted([a, b]))
+        # LVM reads the other mappings only for a VG with more PVs than the volume's own (at
+        # shutdown the locks run together: a scan of every mapping holds the others' open)
+        scanned: list[list[str]] = []
+        real_run = lvm.run
+
+        def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+            scanned.append([argv[i + 1] for i, word in enumerate(argv) if word == "--devices"])
+            return real_run(argv, **kwargs)
+
+        monkeypatch.setattr(lvm, "run", run)
         assert [v.name for v in unlock.guest_vgs(c, devices)] == [other_vg]
+        assert scanned == [[c]]
+        (vg_again,) = unlock.guest_vgs(a, devices)
+        assert vg_again == vg and scanned[1:] == [[a], devices]
+        # b locked: the VG is partial, its missing PV is no device to hand to vgchange
+        (partial,) = unlock.guest_vgs(a, [a, c])
+        assert (partial.pv_count, partial.pvs) == (2, (a,))
+        monkeypatch.setattr(lvm, "run", real_run)
         # dm devices as the kernel would show them with the guest's LV active across both
         root_lv = DmDevice(f"{guest_vg}-root", "dm-9", vg.dm_uuid_prefix + "L" * 32, 0, ())
         probe = LockProbe(
@@ -347,6 +368,55 @@ def test_lock_plan_finds_a_guest_vg_spanning_two_devices(
     finally:
         sh("vgremove", "-q", "-f", guest_vg, other_vg, env=lvm_env)
         sh("pvremove", "-q", a, b, c, env=lvm_env)
+
+
+def test_a_scan_holding_the_mapping_is_waited_for_other_processes_are_not(
+    tmp_path: Path, loop_device: Callable[[Path], str]
+) -> None:
+    """At shutdown the locks run together and each one's `pvs` reads every open mapping: a lock
+    that finds another's scan holding its mapping waits for it; a dd holding it is refused at once.
+    Real processes holding a real block device, found through /proc."""
+    image = tmp_path / "disk.img"
+    sh("truncate", "-s", "8M", str(image))
+    device = loop_device(image)
+    kernel = os.path.basename(device)
+    hold = (
+        "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(60)"
+    )
+    holders: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name in ("pvs", "(udev-worker)", "dd"):
+            holders[name] = subprocess.Popen(
+                [name, "-c", hold, device],
+                executable=sys.executable,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert holders[name].stdout is not None and holders[name].stdout.readline() == "open\n"
+        found = {o.description: o.scanner for o in devmapper.users([kernel])[kernel]}
+        assert found == {
+            f"pvs (pid {holders['pvs'].pid})": True,
+            f"(udev-worker) (pid {holders['(udev-worker)'].pid})": True,
+            f"dd (pid {holders['dd'].pid})": False,
+        }
+        volume = config.parse_crypttab("cr_x /dev/vg/x - luks", "t")[0][0]
+
+        def plan() -> unlock.Plan:
+            users = devmapper.users([kernel])
+            mapping = DmDevice("cr_x", kernel, "CRYPT-LUKS2-x-cr_x", len(users[kernel]), ())
+            return unlock.lock_plan(volume, LockProbe((mapping,), (), users))
+
+        held_by_dd = plan()
+        assert "dd (pid" in held_by_dd.refusal and not held_by_dd.transient
+        dd = holders.pop("dd")
+        dd.kill()
+        dd.wait()
+        only_scans = plan()
+        assert f"pvs (pid {holders['pvs'].pid})" in only_scans.refusal and only_scans.transient
+    finally:
+        for process in holders.values():
+            process.kill()
+            process.wait()
 
 
 # --- status ------------------------------------------------------------------------------------

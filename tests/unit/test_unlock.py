@@ -338,6 +338,22 @@ def test_lock_waits_for_an_opener_no_process_explains(monkeypatch: pytest.Monkey
     assert ran == ["udevadm", "udevadm"] and not probes
 
 
+def test_lock_waits_for_another_locks_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in the VM at shutdown, where the locks run together: one lock's `pvs` held another
+    # lock's mapping; refused at once as "held by pvs", that volume stayed open.
+    pvs = {"dm-3": (Opener("pvs (pid 912)", scanner=True),)}
+    probes = [
+        LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), pvs),
+        LockProbe((crypt("cr_imap_encr", "dm-3", 0),), ()),
+    ]
+    monkeypatch.setattr(unlock, "probe_lock", lambda volume, with_lvm=True: probes.pop(0))
+    monkeypatch.setattr(blockdev, "run", lambda argv, **kw: None)
+    monkeypatch.setattr(unlock.time, "sleep", lambda seconds: None)
+    plan = unlock.settled_lock_plan(volume(IMAP))
+    assert plan.commands() == ["cryptsetup close cr_imap_encr"] and not plan.refusal
+    assert not probes
+
+
 def test_lock_never_waits_for_a_process_and_never_forces(monkeypatch: pytest.MonkeyPatch) -> None:
     users = {"dm-3": (Opener('QEMU of guest "mail" (pid 812)', guest="mail"),)}
     held = LockProbe((crypt("cr_imap_encr", "dm-3", 1),), (), users)

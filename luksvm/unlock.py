@@ -385,7 +385,7 @@ def lock_plan(volume: Volume, probe: LockProbe) -> Plan:
             "lock",
             refusal=f"cannot lock {name}: still held by {', '.join(h.text for h in held)}; "
             + _fix(volume, held),
-            transient=all(h.unexplained for h in held),
+            transient=all(h.transient for h in held),
         )
     steps = [
         Step(
@@ -420,7 +420,7 @@ class Held:
 
     text: str  # for people: 'dm-7 (vgmail-root, active)', 'QEMU of guest "mail" (pid 812)'
     fix: str = ""  # "" when only the volume's guests can be suggested
-    unexplained: bool = False  # no process or mount explains it, or a scan: may be transient
+    transient: bool = False  # no process or mount explains it, or a scan: may go by itself
     rank: int = 0  # the order fixes are given in: guests, then mounts, then VGs
 
 
@@ -471,7 +471,7 @@ def _holders(
 
 
 def _release(user: devmapper.Opener) -> tuple[str, bool, int]:
-    """(fix, unexplained, rank) for what an opener is."""
+    """(fix, transient, rank) for what an opener is."""
     if user.guest:
         return f'stop guest "{user.guest}" first (luksvm stop {user.guest})', False, 0
     if user.mount_point:

@@ -39,6 +39,15 @@ def keep_disks() -> bool:
     return os.environ.get("LUKSVM_E2E_KEEP", "") not in ("", "0")
 
 
+def bench_rounds() -> int:
+    """LUKSVM_E2E_BENCH_ROUNDS: rounds of bench/unlock.py in test_unlock's boot (default 1: that
+    the bench runs; 5 for the README's figures)."""
+    raw = os.environ.get("LUKSVM_E2E_BENCH_ROUNDS", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"LUKSVM_E2E_BENCH_ROUNDS={raw!r}: expected a whole number of 1 or more")
+    return int(raw)
+
+
 def mirror_override() -> str | None:
     """LUKSVM_E2E_MIRROR: a Debian mirror URI to use instead of this machine's apt sources."""
     return os.environ.get("LUKSVM_E2E_MIRROR") or None

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from . import settings
+
 vm = pytest.importorskip("tests.e2e.vm", reason="the e2e harness (branch e2e-harness) is not here")
 
 pytestmark = pytest.mark.e2e
@@ -22,6 +24,8 @@ def test_unlock_lock_status_on_the_seed_host(host: vm.Machine) -> None:
         files={
             "type_passphrase.py": HERE / "type_passphrase.py",
             "bench_unlock.py": REPO / "bench/unlock.py",
+            # one round by default: that the bench runs and compares (5 rounds took 2.5 min)
+            "bench-rounds": f"{settings.bench_rounds()}\n",
         },
         timeout=600,
     )
@@ -76,4 +80,5 @@ def test_unlock_lock_status_on_the_seed_host(host: vm.Machine) -> None:
     assert {"guest start: luksvm vs libvirt-python", "guest stop: luksvm vs libvirt-python"} <= set(
         bench
     ), bench
+    assert {row["rounds"] for row in bench.values()} == {settings.bench_rounds()}, bench
     vm.note("unlock/lock and guest start/stop benchmark (median ms)", json.dumps(bench))

@@ -59,15 +59,15 @@ step unlock-passphrase keyctl session - python3 "$E2E_IN/type_passphrase.py" \
 test -e /dev/mapper/cr_web && result web-open-after-passphrase yes
 step lock-web luksvm lock --from-unit cr_web
 
-# --- benchmark: luksvm vs the bare tools, one run ----------------------------------------------
+# --- benchmark: luksvm vs the bare tools ($E2E_IN/bench-rounds rounds: LUKSVM_E2E_BENCH_ROUNDS) --
 write_conf <<'EOF'
 cr_web /dev/volgrp4/lvweb_hd0 /etc/luksvm/keys/web.key luks,x-luksvm.guest=web
 EOF
 # web (no OS, ignores ACPI) waits out a 1 s stop_timeout on both sides, then is destroyed
 printf '[guests]\nstop_timeout = 1s\non_timeout = destroy\n' > /etc/luksvm/luksvm.conf
 step bench sh -c 'python3 "$1/bench_unlock.py" --volume cr_web --device /dev/volgrp4/lvweb_hd0 \
-    --key /etc/luksvm/keys/web.key --guest web --wait 1 --rounds 5 --json > "$2/bench.json"' \
-    - "$E2E_IN" "$E2E_RESULTS"
+    --key /etc/luksvm/keys/web.key --guest web --wait 1 --rounds "$(cat "$1/bench-rounds")" \
+    --json > "$2/bench.json"' - "$E2E_IN" "$E2E_RESULTS"
 rm /etc/luksvm/luksvm.conf
 
 # --- the passphrase appears in no process list, environment or journal ------------------------

@@ -67,7 +67,8 @@ XML
 
 # define_guest NAME DEVICES [MEMORY_MIB]: define (as step define-NAME) a guest with no OS (it sits
 # in SeaBIOS and ignores ACPI), type qemu (no KVM in the VM), no graphics, a serial console and
-# DEVICES (XML text). Its XML stays in /tmp/NAME.xml.
+# DEVICES (XML text). Its XML stays in /tmp/NAME.xml. A disk whose first sector ends in 55 AA is
+# booted: give it a boot code that halts (see seed.sh), or its vCPU spins.
 define_guest() {
     cat > "/tmp/$1.xml" <<XML
 <domain type='qemu'>

@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import lzma
 import operator
 import os
 import re
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,10 +48,6 @@ KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 m
 # 20.5-21.0 s, 5 × `python3 -c pass` 1.1 s vs 1.2-1.3 s, sha256 of 64 MiB 1.0 s vs 1.5-2.5 s;
 # AES-NI kept for dm-crypt (aes-xts 57 MiB/s; qemu64 without it: 9 MiB/s).
 CPU_MODEL = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq"
-
-# The uncompressed kernel with its PVH entry, next to the image's bzImage (see boot_kernel).
-PVH_KERNEL = "vmlinux-pvh"
-XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point's ELF note (Linux's CONFIG_PVH)
 
 # Console text that means the boot cannot reach the scenario: stop at once instead of waiting for
 # the timeout.
@@ -696,7 +690,7 @@ class Machine:
             "-device",
             "virtio-rng-pci",
             "-kernel",
-            str(boot_kernel(self.image.kernel)),
+            str(self.image.kernel),
             "-initrd",
             str(self.image.initrd),
             "-append",
@@ -717,77 +711,6 @@ class Machine:
                 "-device", "tpm-tis,tpmdev=tpm0",
             ]  # fmt: skip
         return argv
-
-
-@functools.cache
-def boot_kernel(bzimage: Path) -> Path:
-    """The kernel file QEMU boots: the bzImage's payload uncompressed, when it has a PVH entry.
-
-    A bzImage decompresses itself (xz on bookworm, zstd on trixie) under emulation after SeaBIOS
-    has loaded it; QEMU starts an ELF kernel at its PVH entry at once. Measured (bare bookworm
-    image, CI running beside it): the runner started at 22.0-23.6 s vs 26.0-36.1 s, and 3.2 s
-    vs 5.6 s went by before the kernel's clock started. Written once next to the image; a kernel
-    whose payload cannot be read this way, or has no PVH entry, boots as the bzImage.
-    """
-    pvh = bzimage.with_name(PVH_KERNEL)
-    if pvh.exists():
-        return pvh
-    elf = _bzimage_payload(bzimage.read_bytes())
-    if elf is None or not _has_pvh_entry(elf):
-        return bzimage
-    partial = pvh.with_name(f".{PVH_KERNEL}.{os.getpid()}")
-    try:
-        partial.write_bytes(elf)
-        os.replace(partial, pvh)  # other sessions may extract at once: whole files only
-    except OSError:
-        partial.unlink(missing_ok=True)
-        return bzimage
-    return pvh
-
-
-def _bzimage_payload(bzimage: bytes) -> bytes | None:
-    """The decompressed payload of a bzImage (boot protocol 2.08+: payload_offset and _length
-    in the setup header, after (setup_sects + 1) sectors; the payload's last 4 bytes are its
-    uncompressed size, not part of the stream), or None."""
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    if struct.unpack_from("<H", bzimage, 0x206)[0] < 0x208:
-        return None
-    start = ((bzimage[0x1F1] or 4) + 1) * 512
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    payload = bzimage[start + offset : start + offset + length - 4]
-    if payload.startswith(b"\xfd7zXZ\x00"):
-        try:
-            return lzma.decompress(payload, format=lzma.FORMAT_XZ)
-        except lzma.LZMAError:
-            return None
-    if payload.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
-        proc = subprocess.run(["zstd", "-dcq"], input=payload, capture_output=True, check=False)
-        return proc.stdout if proc.returncode == 0 else None
-    return None
-
-
-def _has_pvh_entry(elf: bytes) -> bool:
-    """Whether an ELF64 kernel has Xen's PHYS32_ENTRY note, which QEMU boots as PVH."""
-    if not elf.startswith(b"\x7fELF\x02"):
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for index in range(phnum):
-        header = phoff + index * phentsize
-        (p_type,) = struct.unpack_from("<I", elf, header)
-        if p_type != 4:  # PT_NOTE
-            continue
-        (note_offset,) = struct.unpack_from("<Q", elf, header + 8)
-        (size,) = struct.unpack_from("<Q", elf, header + 32)
-        at, end = note_offset, note_offset + size
-        while at + 12 <= end:
-            namesz, descsz, note_type = struct.unpack_from("<III", elf, at)
-            name = elf[at + 12 : at + 12 + namesz]
-            if name == b"Xen\x00" and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
-                return True
-            at += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
 
 
 @contextlib.contextmanager

@@ -43,10 +43,10 @@ JOURNAL_TAIL = 30
 E2E_DISK_SIZE = "256M"
 DEFAULT_TIMEOUT = 480.0  # generous: other VMs may share the 2 cores (seen: 5 at once)
 KERNEL_ARGS = "root=/dev/disk/by-id/virtio-root rw console=ttyS0 quiet panic=1 mitigations=off"
-# x86-64-v2 plus AES-NI, not `max`: under TCG, `max` (AVX2, 5-level paging, ...) made the same boot
-# and work slower. Measured on the bare bookworm image, 2 cores: runner start 17.0-18.0 s vs
-# 20.5-21.0 s, 5 × `python3 -c pass` 1.1 s vs 1.2-1.3 s, sha256 of 64 MiB 1.0 s vs 1.5-2.5 s;
-# AES-NI kept for dm-crypt (aes-xts 57 MiB/s; qemu64 without it: 9 MiB/s).
+# x86-64-v2 plus AES-NI, not `max`: under TCG, `max` (every feature TCG emulates) made the same
+# boot and work slower (which feature costs most was not measured). Bare bookworm image, 2 cores:
+# runner start 17.0-18.0 s vs 20.5-21.0 s, 5 × `python3 -c pass` 1.1 s vs 1.2-1.3 s, sha256 of
+# 64 MiB 1.0 s vs 1.5-2.5 s; AES-NI kept for dm-crypt (aes-xts 57 MiB/s; qemu64 without it: 9).
 CPU_MODEL = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq"
 
 # Console text that means the boot cannot reach the scenario: stop at once instead of waiting for

@@ -181,6 +181,11 @@ def _unlock_dropin(
         if previous_interactive is not None:
             unit.append(f"After={unlock_unit(previous_interactive.name)}")
     else:
+        # At shutdown this makes the lock wait for libvirt's daemon to stop, and libvirt orders
+        # every QEMU's machine scope After= its daemon: no QEMU still holds the volume (a guest
+        # left running by on_timeout=fail, a domain luksvm does not manage). An ordering only
+        # at boot (through a target that gets no stop job) would let each lock begin as soon as
+        # its own guests stopped, and then find such a QEMU holding the volume.
         unit.append("Before=" + " ".join(LIBVIRT_DAEMONS))
     extra_unit, service = _unattended_lines(config, volume)
     source = _on_target(config, volume.where.path)

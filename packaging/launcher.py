@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Sources only: no __pycache__ written next to the package files (rpm owns that directory).
+# Nothing written next to the package files at run time: the RPM's %post compiles the bytecode
+# for this host's Python (and %preun removes it); a run only reads it.
 sys.dont_write_bytecode = True
 PREFIX = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path.insert(0, os.path.join(PREFIX, "lib", "luksvm"))

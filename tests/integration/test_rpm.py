@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,37 @@ def test_installs_into_a_scratch_root_and_runs_from_its_files(
     assert "-> /usr/lib/systemd/system/luksvm-unlock@.service" in applied.stdout
     assert not list(scratch_root.rglob("__pycache__"))  # running wrote no bytecode
     assert (scratch_root / "etc/luksvm/keys").stat().st_mode & 0o777 == 0o700
+
+
+def test_post_compiles_bytecode_the_launcher_loads_and_erase_removes_it(
+    built: Built, scratch_root: Path, tmp_path: Path
+) -> None:
+    """The package ships sources only; %post compiles them with the installed host's Python, so
+    no unit run compiles luksvm again; %preun removes the bytecode on erase, not on upgrade."""
+    install(scratch_root, built.rpm)
+    private = scratch_root / "usr/lib/luksvm/luksvm"
+    assert not (private / "__pycache__").exists()
+    script = {k: v.replace("/usr/lib/luksvm", f"{scratch_root}/usr/lib/luksvm")
+              for k, v in scriptlets(built).items()}  # fmt: skip
+    run_scriptlet(script["post"], 1, tmp_path)
+    tag = sys.implementation.cache_tag
+    compiled = sorted(p.name for p in (private / "__pycache__").iterdir())
+    assert compiled == sorted(f"{p.stem}.{tag}.pyc" for p in private.glob("*.py"))
+    # The launcher imports them (python -v names each code object it loads from bytecode).
+    shown = subprocess.run(
+        ["/usr/bin/python3", "-I", "-v", str(scratch_root / "usr/bin/luksvm"), "--version"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"code object from '{private}/__pycache__/cli.{tag}.pyc'" in shown.stderr
+    assert f"matches {private}/cli.py" in shown.stderr
+    run_scriptlet(script["preun"], 1, tmp_path)  # an upgrade keeps them
+    assert sorted(p.name for p in (private / "__pycache__").iterdir()) == compiled
+    run_scriptlet(script["preun"], 0, tmp_path)  # erase
+    assert not (private / "__pycache__").exists()
+    assert sorted(p.name for p in private.iterdir()) == sorted(
+        [p.name for p in (REPO / "luksvm").glob("*.py")] + ["py.typed"]
+    )
 
 
 def test_upgrade_keeps_an_edited_luksvm_conf(
